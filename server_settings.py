@@ -1,0 +1,153 @@
+"""Every server setting, declared once: its environment variable, launcher flag, default, check and help.
+
+The launcher (`start_gunicorn.sh`) turns its options into these environment variables; `gunicorn_conf.py` and the
+workers read them back through `load_settings()`. Nothing else reads the environment for configuration.
+
+`python -m server_settings` is the launcher's pre-flight: it validates the settings, discovers and slices the GPUs,
+checks that a slice is free, resolves the model (converting the embedded model on first use) and prints the model's
+folder. Any problem is one line on stderr and exit status 2, before gunicorn starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+USAGE_ERROR = 2
+
+
+def _setting(default, env: str, flag: str | None, help: str, **checks):
+    return Field(default, validation_alias=env, description=help, json_schema_extra={"flag": flag}, **checks)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=False)
+
+    model_name: str | None = _setting(
+        None, "HF_MODEL_NAME", "--model_name", "local folder or Hugging Face name; empty: the embedded SmolLM2-135M"
+    )
+    model_path: str | None = _setting(None, "MODEL_PATH", None, "resolved model folder (set by the launcher)")
+    infer_type: Literal["vllm", "transformers"] = _setting(
+        "transformers", "INFER_TYPE", "--infer_type", "engine: vllm or transformers (any case)"
+    )
+    per_proc_gpus: int = _setting(1, "PER_PROC_GPUS", "--per_proc_gpus", "GPUs per model instance", ge=1)
+    workers_per_gpu: int = _setting(
+        1, "WORKERS_PER_GPU", "--workers-per-gpu", "model instances sharing one GPU slice", ge=1, le=64
+    )
+    cpu_workers: int = _setting(1, "CPU_WORKERS", "--cpu-workers", "workers when there is no GPU", ge=1, le=256)
+    host: str = _setting("127.0.0.1", "HOST", "--host", "address to listen on", min_length=1)
+    port: int = _setting(5002, "PORT", "--port", "port to listen on", ge=1, le=65535)
+    cuda_visible_devices: str | None = _setting(
+        None, "CUDA_VISIBLE_DEVICES", "--cuda-visible-devices", "GPUs to serve on, by index or UUID"
+    )
+    gpu_ids: str | None = _setting(
+        None, "GPU_IDS", "--gpu-ids", "GPU list to slice instead of asking NVML (testing on machines without GPUs)"
+    )
+    max_model_len: int | None = _setting(
+        None, "MAX_MODEL_LEN", "--max-model-len", "context length (prompt + output tokens)", ge=1
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _setting(
+        "auto", "DTYPE", "--dtype", "weights dtype; auto: the checkpoint's"
+    )
+    quantization: str | None = _setting(None, "QUANTIZATION", "--quantization", "vLLM quantization method")
+    worker_timeout: int = _setting(
+        300, "WORKER_TIMEOUT", "--timeout", "seconds before a silent worker is killed; also the graceful drain", ge=1
+    )
+    threads: int = _setting(32, "THREADS", "--threads", "concurrent requests per worker", ge=1, le=4096)
+    max_batch_size: int = _setting(
+        32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
+    )
+    slice_wait: float | None = _setting(
+        None, "SLICE_WAIT", None, "seconds a new worker waits for a GPU slice to free up (default: timeout + 30)", ge=0
+    )
+    dispatcher_state: str = _setting(
+        "/tmp/gunicorn-llm-gpu-slices.json", "DISPATCHER_STATE", None, "host-wide file recording slice holders"
+    )
+    trust_remote_code: bool = _setting(False, "TRUST_REMOTE_CODE", None, "run code shipped with the model")
+    log_level: Literal["debug", "info", "warning", "error"] = _setting("info", "LOG_LEVEL", "--log-level", "")
+
+    @field_validator("infer_type", "dtype", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_name", "quantization", "cuda_visible_devices", "gpu_ids", "model_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # The original launcher passed the string "None" for unset options.
+        return None if value in ("", "None", "none") else value
+
+    @field_validator("max_model_len", "slice_wait", mode="before")
+    @classmethod
+    def _empty_number_is_unset(cls, value):
+        return None if value in ("", "None", "none") else value
+
+    @property
+    def effective_slice_wait(self) -> float:
+        # gunicorn starts a reload's new workers before the old ones have drained, so wait longer than a drain.
+        return self.slice_wait if self.slice_wait is not None else self.worker_timeout + 30.0
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line per bad setting, naming the variable and the launcher flag."""
+    lines = []
+    for problem in error.errors():
+        env = str(problem["loc"][0]) if problem["loc"] else "?"
+        field = next((name for name, f in ServerSettings.model_fields.items() if f.validation_alias == env), None)
+        flag = (ServerSettings.model_fields[field].json_schema_extra or {}).get("flag") if field else None
+        where = f"{flag} ({env})" if flag else env
+        lines.append(f"invalid {where}={os.environ.get(env, '')!r}: {problem['msg'].lower()}")
+    return "; ".join(lines)
+
+
+def load_settings() -> ServerSettings:
+    """The settings from the environment; a bad value ends the process with a one-line message and status 2."""
+    try:
+        return ServerSettings()
+    except ValidationError as error:
+        print(f"error: {describe_error(error)}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+
+
+def preflight() -> int:
+    from dispatcher import DispatchError, GPUDispatcher, cut_slices, discover_devices
+    from model_store import ModelNotFoundError, resolve_model
+
+    settings = load_settings()
+    if settings.infer_type == "vllm":
+        import vllm_url_m
+
+        problem = vllm_url_m.unavailable_reason()
+        if problem:
+            print(f"error: --infer_type vllm: {problem}", file=sys.stderr)
+            return USAGE_ERROR
+    elif settings.quantization:
+        print(
+            "error: --quantization applies to the vLLM engine; the transformers engine reads a checkpoint's "
+            "quantization from its config.json",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
+    try:
+        devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)
+        dispatcher = GPUDispatcher(cut_slices(devices, settings.per_proc_gpus), settings.workers_per_gpu,
+                                   settings.dispatcher_state)
+        if dispatcher.free_slice_count(os.getpid()) == 0:
+            print(f"error: no free GPU slice on this host: every slice is held by another server "
+                  f"(see {settings.dispatcher_state})", file=sys.stderr)
+            return USAGE_ERROR
+        print(resolve_model(settings.model_name))
+    except (DispatchError, ModelNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    sys.exit(preflight())

@@ -1,0 +1,133 @@
+"""The HTTP layer both engines share: the Flask app factory, `/infer`, `/health`, `/ready` and JSON errors.
+
+The backend modules (`transformers_url_m.py`, `vllm_url_m.py`) only say how to build their engine; everything a
+client sees is decided here, once. The engine is built in a background thread so that the worker answers
+`/health` (and heartbeats to the gunicorn master) while a large model loads; requests that arrive meanwhile wait
+for it. A model that fails to load ends the worker with gunicorn's "app failed to load" status, which stops the
+server with a clear message instead of respawning the worker forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from typing import Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from dispatcher import pinned_slice_label
+from engine import Engine
+from request_schema import RequestError, parse_infer_request
+
+log = logging.getLogger("gunicorn.error")
+
+APP_LOAD_ERROR = 4  # gunicorn's exit status for "app failed to load": the master halts instead of respawning
+
+
+class EngineSlot:
+    """Holds the worker's engine, built once in a background thread."""
+
+    def __init__(self, build: Callable[[], Engine]):
+        self._ready = threading.Event()
+        self.engine: Engine | None = None
+        threading.Thread(target=self._build, args=(build,), name="engine-loader", daemon=True).start()
+
+    def _build(self, build: Callable[[], Engine]) -> None:
+        try:
+            self.engine = build()
+        except BaseException:
+            log.exception("worker %s: the model failed to load; stopping the server", os.getpid())
+            sys.stderr.flush()
+            os._exit(APP_LOAD_ERROR)
+        log.info("worker %s: model loaded on slice %s", os.getpid(), pinned_slice_label())
+        self._ready.set()
+
+    def wait(self, timeout_s: float) -> Engine | None:
+        return self.engine if self._ready.wait(timeout_s) else None
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None) -> tuple[Response, int]:
+    """Every error this server sends, in OpenAI's shape."""
+    return jsonify({"error": {"message": message, "type": error_type, "param": param, "code": status}}), status
+
+
+def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -> Flask:
+    """A Flask app serving the engine that `build_engine` returns (called once, in a background thread)."""
+    app = Flask(__name__)
+    slot = EngineSlot(build_engine)
+    warned_keys: set[str] = set()
+
+    def ready_engine() -> Engine:
+        engine = slot.wait(load_wait_s)
+        if engine is None:
+            raise EngineLoading()
+        return engine
+
+    @app.post("/infer")
+    def infer():
+        try:
+            body = json.loads(request.get_data() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"malformed JSON body: {error}") from None
+        infer_request, ignored = parse_infer_request(body)
+        for key in set(ignored) - warned_keys:
+            log.warning("/infer: ignoring unknown params key %r (warned once per worker)", key)
+            warned_keys.add(key)
+        engine = ready_engine()
+        params = infer_request.params
+        if params.scores_prompt:
+            return jsonify(engine.prompt_logprobs(infer_request.instances))
+        texts = engine.generate(infer_request.instances, params)
+        return jsonify([choices[0] if params.n == 1 else choices for choices in texts])
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok"})
+
+    @app.get("/ready")
+    def ready():
+        engine = slot.wait(0)
+        if engine is None:
+            return error_response(503, "the model is still loading", "service_unavailable")
+        return jsonify({"status": "ready", "pid": os.getpid(), "slice": pinned_slice_label(), **engine.describe()})
+
+    @app.after_request
+    def name_the_worker(response: Response) -> Response:
+        response.headers["X-Worker-Pid"] = str(os.getpid())
+        response.headers["X-GPU-Slice"] = pinned_slice_label()
+        return response
+
+    @app.errorhandler(RequestError)
+    def bad_request(error: RequestError):
+        return error_response(400, error.message, "invalid_request_error", error.param)
+
+    @app.errorhandler(EngineLoading)
+    def still_loading(error: EngineLoading):
+        response, status = error_response(503, "the model is still loading; retry shortly", "service_unavailable")
+        response.headers["Retry-After"] = "5"
+        return response, status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return error_response(error.code or 500, error.description or error.name, _error_type(error.code))
+
+    @app.errorhandler(Exception)
+    def engine_failure(error: Exception):
+        log.exception("request failed")
+        return error_response(500, f"inference failed: {type(error).__name__}: {error}", "internal_error")
+
+    return app
+
+
+class EngineLoading(Exception):
+    """The worker's model is not loaded yet."""
+
+
+def _error_type(status: int | None) -> str:
+    return {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}.get(
+        status or 500, "invalid_request_error" if status and status < 500 else "internal_error"
+    )

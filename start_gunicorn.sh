@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Launcher: parses long options into the server's environment variables, runs the pre-flight check (settings,
+# GPU slices, model; converts the embedded model on first use), then execs gunicorn so that signals reach
+# gunicorn's master directly. Every option also has an environment variable; an option wins over the variable.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+	cat >&2 <<USAGE
+Usage: $(basename "$0") [options]
+
+Serve a language model on every GPU of this machine (or on CPU without one): POST /infer.
+
+  --model_name NAME          local folder or Hugging Face name; default: the embedded
+                             SmolLM2-135M-Instruct                            [HF_MODEL_NAME]
+  --infer_type TYPE          transformers or vllm (any case)                 [INFER_TYPE=transformers]
+  --per_proc_gpus N          GPUs per model instance; must divide the GPUs    [PER_PROC_GPUS=1]
+  --workers-per-gpu N        model instances sharing one GPU slice            [WORKERS_PER_GPU=1]
+  --cpu-workers N            workers when there is no GPU                     [CPU_WORKERS=1]
+  --cuda-visible-devices L   GPUs to serve on, by index or UUID (CUDA order)  [CUDA_VISIBLE_DEVICES]
+  --gpu-ids L                slice this GPU list instead of asking NVML       [GPU_IDS]
+  --host ADDR                address to listen on                             [HOST=127.0.0.1]
+  --port N                   port to listen on                                [PORT=5002]
+  --max-model-len N          context length, prompt plus output tokens        [MAX_MODEL_LEN]
+  --dtype T                  auto, bfloat16, float16 or float32               [DTYPE=auto]
+  --quantization M           vLLM quantization method                         [QUANTIZATION]
+  --timeout S                seconds before a silent worker is killed; also
+                             the graceful drain on stop                       [WORKER_TIMEOUT=300]
+  --threads N                concurrent requests per worker                   [THREADS=32]
+  --max-batch-size N         sequences per batch (transformers engine)        [MAX_BATCH_SIZE=32]
+  --log-level L              debug, info, warning or error                    [LOG_LEVEL=info]
+  -h, --help                 this help
+
+The original tool's spellings work too: --hf-model-name, --per-proc-gpus, --infer-type.
+USAGE
+}
+
+long_options="help,model_name:,model-name:,hf-model-name:,infer_type:,infer-type:,per_proc_gpus:,per-proc-gpus:"
+long_options+=",workers-per-gpu:,workers_per_gpu:,cpu-workers:,cuda-visible-devices:,cuda_visible_devices:"
+long_options+=",gpu-ids:,host:,port:,max-model-len:,max_model_len:,dtype:,quantization:,timeout:,threads:"
+long_options+=",max-batch-size:,log-level:"
+
+if ! parsed=$(getopt --name "$(basename "$0")" --options h --longoptions "$long_options" -- "$@"); then
+	echo "Try '$(basename "$0") --help' for the options." >&2
+	exit 2
+fi
+eval set -- "$parsed"
+
+while true; do
+	case "$1" in
+	-h | --help) usage; exit 0 ;;
+	--model_name | --model-name | --hf-model-name) export HF_MODEL_NAME="$2"; shift 2 ;;
+	--infer_type | --infer-type) export INFER_TYPE="$2"; shift 2 ;;
+	--per_proc_gpus | --per-proc-gpus) export PER_PROC_GPUS="$2"; shift 2 ;;
+	--workers-per-gpu | --workers_per_gpu) export WORKERS_PER_GPU="$2"; shift 2 ;;
+	--cpu-workers) export CPU_WORKERS="$2"; shift 2 ;;
+	--cuda-visible-devices | --cuda_visible_devices) export CUDA_VISIBLE_DEVICES="$2"; shift 2 ;;
+	--gpu-ids) export GPU_IDS="$2"; shift 2 ;;
+	--host) export HOST="$2"; shift 2 ;;
+	--port) export PORT="$2"; shift 2 ;;
+	--max-model-len | --max_model_len) export MAX_MODEL_LEN="$2"; shift 2 ;;
+	--dtype) export DTYPE="$2"; shift 2 ;;
+	--quantization) export QUANTIZATION="$2"; shift 2 ;;
+	--timeout) export WORKER_TIMEOUT="$2"; shift 2 ;;
+	--threads) export THREADS="$2"; shift 2 ;;
+	--max-batch-size) export MAX_BATCH_SIZE="$2"; shift 2 ;;
+	--log-level) export LOG_LEVEL="$2"; shift 2 ;;
+	--) shift; break ;;
+	*) echo "$(basename "$0"): internal error parsing option $1" >&2; exit 70 ;;
+	esac
+done
+
+if [ $# -gt 0 ]; then
+	echo "$(basename "$0"): unexpected argument '$1' (options take the form --name VALUE; see --help)" >&2
+	exit 2
+fi
+
+# The project's virtual environment when there is one and none is active.
+if [ -z "${PYTHON:-}" ]; then
+	if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+# Pre-flight from the caller's directory, so a relative --model_name folder resolves where the user meant it.
+# It prints the model's folder; every problem is one line on stderr and exit status 2.
+MODEL_PATH="$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m server_settings)" || exit $?
+export MODEL_PATH
+
+cd "$here"
+exec "$PYTHON" -m gunicorn --config gunicorn_conf.py
