@@ -80,6 +80,8 @@ class Holder:
         try:
             process = psutil.Process(self.pid)
             return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.AccessDenied:  # another user's process behind hidepid: alive as far as we can tell
+            return True
         except psutil.Error:
             return False
 
@@ -209,6 +211,9 @@ class GPUDispatcher:
         while True:
             with self._locked():
                 holdings = self._live_holdings()
+                held = [s for s in self.slices for h in holdings if h["pid"] == pid and h["devices"] == s.keys]
+                if held:  # asking twice never takes a second slice
+                    return held[0]
                 chosen = self._first_free(holdings, holder.server)
                 if chosen is not None:
                     holdings.append({"devices": chosen.keys, **asdict(holder)})

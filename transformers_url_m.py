@@ -73,7 +73,7 @@ class TransformersEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
-            dtype="auto" if settings.dtype == "auto" else getattr(torch, settings.dtype),
+            dtype=_weights_dtype(settings.dtype),
             device_map=_device_map(settings.per_proc_gpus),
             trust_remote_code=settings.trust_remote_code,
         ).eval()
@@ -220,6 +220,15 @@ def _chunks_within(encoded: list[list[int]], token_budget: int):
         chunk.append(ids)
     if chunk:
         yield chunk
+
+
+def _weights_dtype(requested: str):
+    if requested != "auto":
+        return getattr(torch, requested)
+    # On GPU, the checkpoint's dtype. On CPU, float32: without native bf16 units, bf16 matmuls made a prompt's
+    # log-probabilities depend on what it was batched with by up to 0.11 nats (docs/benchmarks.md); scores that
+    # decide benchmark results must not. --dtype bfloat16 trades that for about twice the CPU speed.
+    return "auto" if torch.cuda.is_available() else torch.float32
 
 
 def _device_map(per_proc_gpus: int):

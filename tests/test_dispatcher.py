@@ -7,6 +7,7 @@ about the lock or the processes is mocked. GPU lists come from GPU_IDS-style con
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -254,6 +255,34 @@ def test_competing_workers_never_overfill_a_slice(spawn_workers, state_file, hol
     assert len(refused) == workers - 4 * holders
     assert all("no free GPU slice: all 4 slices of this server are taken" in r["error"] for r in refused)
     assert make_dispatcher(state_file, holders=holders).held_by(server_pid) == granted
+
+
+def _forked_worker(dispatcher: GPUDispatcher, server_pid: int, results, done) -> None:
+    try:
+        results.put((os.getpid(), dispatcher.acquire_slice(os.getpid(), server_pid).label))
+    except NoFreeSliceError:
+        results.put((os.getpid(), None))
+    done.wait(30)  # stay alive, and so keep the slice, until the parent has every answer
+
+
+def test_forked_workers_share_the_masters_dispatcher(state_file):
+    # As under gunicorn: the dispatcher is built (and used) in the master, then the workers are forked from it.
+    dispatcher = make_dispatcher(state_file)
+    assert dispatcher.free_slice_count(os.getpid()) == 4
+    fork = multiprocessing.get_context("fork")
+    results, done = fork.Queue(), fork.Event()
+    children = [fork.Process(target=_forked_worker, args=(dispatcher, os.getpid(), results, done)) for _ in range(6)]
+    for child in children:
+        child.start()
+    try:
+        answers = dict(results.get(timeout=20) for _ in children)
+        assert sorted(label for label in answers.values() if label) == ["0", "1", "2", "3"]
+        assert dispatcher.held_by(os.getpid()) == {pid: label for pid, label in answers.items() if label}
+    finally:
+        done.set()
+        for child in children:
+            child.join(timeout=10)
+    assert dispatcher.free_slice_count(os.getpid()) == 4  # exited workers' slices are free again
 
 
 # ---------------------------------------------------------------------------------------------------------------

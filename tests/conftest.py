@@ -1,0 +1,95 @@
+"""Shared fixtures: the embedded model's folder, free ports, and a real server started through the launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = ROOT / "start_gunicorn.sh"
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from model_store import embedded_model_dir as resolve
+
+    return resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real gunicorn server started with start_gunicorn.sh, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], state_dir: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state_dir / f"server-{self.port}.log"
+        self.env = {**os.environ, "DISPATCHER_STATE": str(state_dir / "slices.json"), **(env or {})}
+        self.process = subprocess.Popen(
+            [str(LAUNCHER), "--port", str(self.port), *args],
+            env=self.env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> set[int]:
+        return {child.pid for child in psutil.Process(self.process.pid).children()}
+
+    def wait_until_ready(self, workers: int, timeout_s: float = 180) -> dict[int, str]:
+        """Poll /ready until `workers` distinct workers answered 200; return pid -> slice."""
+        ready: dict[int, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(ready) < workers:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(ready)} of {workers} workers ready:\n{self.log()[-3000:]}")
+            try:
+                response = requests.get(f"{self.url}/ready", timeout=5)
+                if response.status_code == 200 and int(response.headers["X-Worker-Pid"]) in self.worker_pids():
+                    ready[int(response.headers["X-Worker-Pid"])] = response.headers["X-GPU-Slice"]
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        return ready
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Start servers with launcher arguments; every one is stopped when the module ends."""
+    servers: list[Server] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Server:
+        server = Server(list(args), tmp_path_factory.mktemp("server"), env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

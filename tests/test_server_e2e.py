@@ -1,0 +1,153 @@
+"""End to end: start_gunicorn.sh starts real gunicorn with 2 CPU workers serving the embedded model over HTTP.
+
+Answers are checked against the same model run directly with transformers in this process: greedy texts must be
+equal, and prompt log-probabilities equal within 1e-4 nats (both run in float32, the CPU default).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+LOGPROB_TOLERANCE = 1e-4
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea:\n",
+    "1, 2, 3, 4,",
+    "Question: what is 7 times 8?\nAnswer:",
+]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    server = start_server("--cpu-workers", "2")
+    server.slices = server.wait_until_ready(workers=2)
+    return server
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def infer(server, instances, **params):
+    response = requests.post(f"{server.url}/infer", json={"instances": instances, "params": params}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_two_cpu_workers_hold_distinct_slices(server):
+    assert sorted(server.slices.values()) == ["cpu0", "cpu1"]
+
+
+def test_greedy_answers_equal_plain_generate(server, reference):
+    tokenizer, model = reference
+    expected = []
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        expected.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert infer(server, PROMPTS, temperature=0, max_tokens=24) == expected
+
+
+def test_prompt_logprobs_equal_direct_computation(server, reference):
+    tokenizer, model = reference
+    answers = infer(server, PROMPTS, prompt_logprobs=0)
+    for prompt, answer in zip(PROMPTS, answers):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            logits = model(ids).logits.float()
+        direct = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        assert len(answer) == ids.shape[1] - 1
+        assert torch.allclose(torch.tensor(answer), direct, atol=LOGPROB_TOLERANCE, rtol=0)
+
+
+def test_eight_concurrent_clients_are_all_answered_as_if_alone(server):
+    prompts = [f"Count from {i}: {i}, {i + 1}," for i in range(8)]
+    alone = [infer(server, [prompt], temperature=0, max_tokens=12)[0] for prompt in prompts]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda p: infer(server, [p], temperature=0, max_tokens=12)[0], prompts))
+    assert together == alone
+    assert all(text for text in together)
+
+
+def test_n_gives_a_list_per_instance_and_a_seed_repeats_it(server):
+    first = infer(server, PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8)
+    assert [len(choices) for choices in first] == [3, 3]
+    assert infer(server, PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8) == first
+
+
+def test_stop_string_ends_the_answer_before_it(server):
+    unstopped = infer(server, ["1, 2, 3, 4,"], temperature=0, max_tokens=16)[0]
+    assert " 6" in unstopped
+    assert infer(server, ["1, 2, 3, 4,"], temperature=0, max_tokens=16, stop=[" 6"])[0] == unstopped.split(" 6")[0]
+
+
+def test_max_tokens_bounds_the_answer(server, reference):
+    tokenizer, _ = reference
+    text = infer(server, ["Once upon a time"], temperature=0, max_tokens=5, ignore_eos=True)[0]
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
+
+
+def test_every_response_names_its_worker_and_slice(server):
+    response = requests.post(f"{server.url}/infer", json={"instances": ["Hi"], "params": {"max_tokens": 1}})
+    assert server.slices[int(response.headers["X-Worker-Pid"])] == response.headers["X-GPU-Slice"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"instances": ["hi"], "params": {"temperature": "hot"}}, "params.temperature"),
+        ({"instances": ["hi"], "params": {"top_p": 1.5}}, "params.top_p"),
+        ({"instances": []}, "instances"),
+        ({"params": {}}, "instances"),
+    ],
+)
+def test_bad_requests_get_a_400_naming_the_field(server, body, param):
+    response = requests.post(f"{server.url}/infer", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    assert param in response.json()["error"]["message"]
+
+
+def test_malformed_json_is_a_400(server):
+    response = requests.post(f"{server.url}/infer", data=b'{"instances": [', headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "malformed JSON" in response.json()["error"]["message"]
+
+
+def test_unknown_params_keys_are_ignored_with_a_warning(server):
+    answer = infer(server, ["Hi"], max_tokens=2, best_of=3, use_beam_search=False)
+    assert isinstance(answer[0], str)
+    assert "ignoring unknown params key 'best_of'" in server.log()
+
+
+def test_killed_worker_is_replaced_on_its_slice_and_the_other_keeps_its_own(server):
+    victim, survivor = sorted(server.slices)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while victim in server.worker_pids() or len(server.worker_pids()) < 2:
+        assert time.monotonic() < deadline, "gunicorn did not replace the killed worker"
+        time.sleep(0.2)
+    now = server.wait_until_ready(workers=2)
+    replacement = next(pid for pid in now if pid != survivor)
+    assert now[replacement] == server.slices[victim]
+    assert now[survivor] == server.slices[survivor]
+    answers = {}
+    while len(answers) < 2:  # both workers answer generation requests again
+        assert time.monotonic() < deadline
+        response = requests.post(f"{server.url}/infer", json={"instances": ["Hi"], "params": {"max_tokens": 2}})
+        assert response.status_code == 200
+        answers[int(response.headers["X-Worker-Pid"])] = response.json()
+    assert set(answers) == {replacement, survivor}
+    server.slices = now
