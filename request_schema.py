@@ -8,7 +8,7 @@ Wrong types and out-of-range values raise `RequestError` naming the field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -79,7 +79,7 @@ class SamplingParams(BaseModel):
 class InferRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    instances: list[str] = Field(min_length=1)
+    instances: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
 
     @model_validator(mode="before")

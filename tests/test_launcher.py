@@ -179,23 +179,22 @@ def test_short_help_is_help(tmp_path):
 # Bad values: the pre-flight refuses them, naming the option and its variable
 
 
-@pytest.mark.parametrize(
-    "args, fragments",
-    [
-        (["--port", "x"], ["--port (PORT)='x'", "valid integer"]),
-        (["--port", "70000"], ["--port (PORT)='70000'", "65535"]),
-        (["--port", "0"], ["--port (PORT)='0'"]),
-        (["--per_proc_gpus", "0"], ["--per_proc_gpus (PER_PROC_GPUS)='0'"]),
-        (["--workers-per-gpu", "abc"], ["--workers-per-gpu (WORKERS_PER_GPU)='abc'", "valid integer"]),
-        (["--timeout", "-1"], ["--timeout (WORKER_TIMEOUT)='-1'"]),
-        (["--cpu-workers", "0"], ["--cpu-workers (CPU_WORKERS)='0'"]),
-        (["--threads", "0"], ["--threads (THREADS)='0'"]),
-        (["--max-batch-size", "0"], ["--max-batch-size (MAX_BATCH_SIZE)='0'"]),
-        (["--max-model-len", "0"], ["--max-model-len (MAX_MODEL_LEN)='0'"]),
-        (["--host", ""], ["--host (HOST)=''"]),
-    ],
-    ids=lambda value: " ".join(value) if isinstance(value, list) and value[0].startswith("--") else None,
-)
+BAD_VALUES = [
+    (["--port", "x"], ["--port (PORT)='x'", "valid integer"]),
+    (["--port", "70000"], ["--port (PORT)='70000'", "65535"]),
+    (["--port", "0"], ["--port (PORT)='0'"]),
+    (["--per_proc_gpus", "0"], ["--per_proc_gpus (PER_PROC_GPUS)='0'"]),
+    (["--workers-per-gpu", "abc"], ["--workers-per-gpu (WORKERS_PER_GPU)='abc'", "valid integer"]),
+    (["--timeout", "-1"], ["--timeout (WORKER_TIMEOUT)='-1'"]),
+    (["--cpu-workers", "0"], ["--cpu-workers (CPU_WORKERS)='0'"]),
+    (["--threads", "0"], ["--threads (THREADS)='0'"]),
+    (["--max-batch-size", "0"], ["--max-batch-size (MAX_BATCH_SIZE)='0'"]),
+    (["--max-model-len", "0"], ["--max-model-len (MAX_MODEL_LEN)='0'"]),
+    (["--host", ""], ["--host (HOST)=''"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", BAD_VALUES, ids=[" ".join(args) for args, _ in BAD_VALUES])
 def test_bad_number_is_refused(tmp_path, args, fragments):
     assert_refused(launch(tmp_path, *args), "invalid", *fragments)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from request_schema import RequestError, SamplingParams, parse_infer_request
 
@@ -122,7 +123,7 @@ def test_different_params_are_different_keys():
 
 def test_params_are_immutable():
     params = parse_params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.temperature = 0.0  # a batching key must not change after it was used
 
 
