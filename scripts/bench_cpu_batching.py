@@ -34,12 +34,15 @@ def main() -> None:
             start = time.perf_counter()
             model.generate(**inputs, generation_config=config)
             batched = REQUESTS * NEW_TOKENS / (time.perf_counter() - start)
-            ids = [tokenizer(p)["input_ids"] for p in prompts]
-            model.generate_batch(ids, generation_config=config)  # warm-up
-            start = time.perf_counter()
-            outputs = model.generate_batch(ids, generation_config=config)
-            elapsed = time.perf_counter() - start
+        # Continuous batching runs its own thread and must be called outside inference mode.
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        model.generate_batch(ids, generation_config=config)  # warm-up
+        start = time.perf_counter()
+        outputs = model.generate_batch(ids, generation_config=config)
+        elapsed = time.perf_counter() - start
         generated = sum(len(o.generated_tokens) for o in outputs.values())
+        if generated != REQUESTS * NEW_TOKENS:
+            raise SystemExit(f"continuous batching generated {generated} of {REQUESTS * NEW_TOKENS} tokens")
         print(f"| {str(dtype).removeprefix('torch.')} | {batched:.1f} | {generated / elapsed:.1f} | |", flush=True)
 
 
