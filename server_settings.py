@@ -62,6 +62,11 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = _setting(
         32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
     )
+    batching: Literal["auto", "generate", "continuous"] = _setting(
+        "auto", "BATCHING", "--batching",
+        "transformers engine: continuous (transformers' continuous batching), generate (batched generate), "
+        "auto: continuous on GPU, generate on CPU",
+    )
     slice_wait: float | None = _setting(
         None, "SLICE_WAIT", None, "seconds a new worker waits for a GPU slice to free up (default: timeout + 30)", ge=0
     )
@@ -71,7 +76,7 @@ class ServerSettings(BaseSettings):
     trust_remote_code: bool = _setting(False, "TRUST_REMOTE_CODE", None, "run code shipped with the model")
     log_level: Literal["debug", "info", "warning", "error"] = _setting("info", "LOG_LEVEL", "--log-level", "")
 
-    @field_validator("infer_type", "dtype", "log_level", mode="before")
+    @field_validator("infer_type", "dtype", "log_level", "batching", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value

@@ -1,18 +1,23 @@
 """The Hugging Face transformers engine, and the WSGI app gunicorn serves with `--infer_type transformers`.
 
-Concurrent requests of a worker are served together: handler threads queue their work, one batching thread takes
-everything waiting, groups it by sampling parameters and runs each group as one batched `generate` (or, for
-prompt log-probabilities, one padded forward pass). Many instances in one request are one batch, not a loop.
+Concurrent requests of a worker are served together, on one of two paths:
 
-Why batched `generate` rather than transformers' continuous batching: on CPU, batched `generate` measured far
-faster (docs/benchmarks.md, "transformers engine on CPU"). Requests with a `seed` run as a batch of their own, so
-the same request with the same seed gives the same text whatever else the server is doing.
+- continuous batching (transformers' own manager, transformers_continuous.py), the default on GPU, for requests
+  whose sampling it supports;
+- batched `generate`: handler threads queue their work, one batching thread takes everything waiting, groups it
+  by sampling parameters and runs each group as one batched `generate` (or, for prompt log-probabilities, one
+  padded forward pass). The default on CPU, where it measured far faster (docs/benchmarks.md), and the path for
+  everything continuous batching cannot do. Requests with a `seed` run as a batch of their own, so the same
+  request with the same seed gives the same text whatever else the server is doing.
+
+Either way, many instances in one request are one batch, not a loop.
 
 The HTTP side lives in serving.py; this file only builds and drives the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -28,12 +33,16 @@ from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
 from serving import create_app
+from transformers_continuous import ContinuousBatching
 
 log = logging.getLogger("gunicorn.error")
 
 # Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
 SCORING_TOKEN_BUDGET = 4096
 SCORING = "score"  # the batching key of prompt-scoring work
+# Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
+# is headroom for the batched-generate path and vocabulary-sized temporaries.
+KV_CACHE_MEMORY_SHARE = 0.7
 
 
 @dataclass
@@ -83,6 +92,18 @@ class TransformersEngine(Engine):
         self.device = self.model.get_input_embeddings().weight.device
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.continuous = None
+        # Continuous batching keeps one paged cache on one device; a model spread over a multi-GPU slice by
+        # accelerate serves through batched generate.
+        single_device = len({str(d) for d in getattr(self.model, "hf_device_map", {"": self.device}).values()}) == 1
+        wanted = settings.batching == "continuous" or (settings.batching == "auto" and self.device.type == "cuda")
+        if wanted and not single_device:
+            log.warning("worker %s: the model spans several GPUs; serving with batched generate", os.getpid())
+        if wanted and single_device:
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
+            memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
+            self.continuous = ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share)
         self._jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
 
@@ -97,11 +118,17 @@ class TransformersEngine(Engine):
             "visible_gpus": torch.cuda.device_count(),
             "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "layers_on": placed_on or [str(self.device)],
+            "batching": "continuous" if self.continuous else "generate",
         }
 
     # -- the interface the HTTP layer calls (from many threads) ----------------------------------------------
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        if self.continuous is not None and ContinuousBatching.can_serve(params):
+            stop_ids = self._stop_ids(params)
+            prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+            tokens = self.continuous.generate(prompt_ids, params, stop_ids)
+            return [[self._decode(choice, stop_ids, params) for choice in choices] for choices in tokens]
         return self._submit(Job(prompts, params))
 
     def prompt_logprobs(self, prompts: list[str]) -> list[list[float]]:
@@ -136,7 +163,8 @@ class TransformersEngine(Engine):
     def _settle(self, jobs: list[Job], run) -> None:
         """Run the jobs' prompts together and hand each job its share of the answers (or the error)."""
         try:
-            answers = run([prompt for job in jobs for prompt in job.prompts])
+            with self.continuous.paused() if self.continuous else contextlib.nullcontext():
+                answers = run([prompt for job in jobs for prompt in job.prompts])
         except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
             log.exception("batch of %d requests failed", len(jobs))
             for job in jobs:
@@ -160,7 +188,7 @@ class TransformersEngine(Engine):
     def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         prompt_width = inputs["input_ids"].shape[1]
-        stop_ids = (() if params.ignore_eos else self.eos_token_ids) + (params.stop_token_ids or ())
+        stop_ids = self._stop_ids(params)
         extra = {}
         if params.presence_penalty or params.frequency_penalty:
             extra["logits_processor"] = LogitsProcessorList(
@@ -173,6 +201,9 @@ class TransformersEngine(Engine):
         )
         rows = [self._decode(row[prompt_width:], stop_ids, params) for row in output.tolist()]
         return [rows[i : i + params.n] for i in range(0, len(rows), params.n)]
+
+    def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        return (() if params.ignore_eos else self.eos_token_ids) + (params.stop_token_ids or ())
 
     def _generation_config(self, params: SamplingParams, stop_ids: tuple[int, ...]) -> GenerationConfig:
         # Built from scratch so a checkpoint's own sampling defaults never leak into a request.

@@ -70,22 +70,35 @@ def gpu_index_by_uuid() -> dict[str, str]:
     return {uuid.strip(): index.strip() for index, uuid in (line.split(",") for line in listing.splitlines())}
 
 
-def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int) -> list[str]:
+def throughput(url: str, concurrency: int, new_tokens: int) -> str:
+    """Output tokens/s of `concurrency` simultaneous greedy requests of `new_tokens` tokens each (EOS ignored)."""
+    body = {"params": {"temperature": 0, "max_tokens": new_tokens, "ignore_eos": True}}
+    call(f"{url}/infer", {"instances": ["warm-up"], **body})
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda i: call(f"{url}/infer", {"instances": [f"Request {i} about GPUs"], **body}),
+                      range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return f"{concurrency} concurrent requests x {new_tokens} tokens: {concurrency * new_tokens / elapsed:.0f} output tok/s"
+
+
+def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: str = "auto") -> list[str]:
     url = f"http://127.0.0.1:{port}"
     workers = gpu_count // per_proc_gpus
-    log = open(f"/tmp/gpu-smoke-{per_proc_gpus}.log", "w")
+    log = open(f"/tmp/gpu-smoke-{per_proc_gpus}-{batching}.log", "w")
     command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--per_proc_gpus", str(per_proc_gpus),
-               "--infer_type", "transformers", "--port", str(port)]
+               "--infer_type", "transformers", "--port", str(port), "--batching", batching]
     print("$", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    lines = [f"### --per_proc_gpus {per_proc_gpus}: {workers} workers", "", "$ " + " ".join(command), ""]
+    lines = [f"### --per_proc_gpus {per_proc_gpus} --batching {batching}: {workers} workers", "",
+             "$ " + " ".join(command), ""]
     try:
         ready = wait_ready(url, workers, process)
-        lines += ["| worker pid | slice (CUDA_VISIBLE_DEVICES) | torch.cuda.device_count() | layers on | GPU |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["| worker pid | slice (CUDA_VISIBLE_DEVICES) | torch.cuda.device_count() | layers on | batching | GPU |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for pid, answer in sorted(ready.items()):
             lines.append(f"| {pid} | {answer['slice']} | {answer['visible_gpus']} | {','.join(answer['layers_on'])} "
-                         f"| {answer['gpu_names'][0] if answer['gpu_names'] else '-'} |")
+                         f"| {answer['batching']} | {answer['gpu_names'][0] if answer['gpu_names'] else '-'} |")
         by_uuid = gpu_index_by_uuid()
         lines += ["", "nvidia-smi compute processes (pid, GPU index, memory):", "```"]
         for row in gpu_processes().splitlines():
@@ -106,6 +119,8 @@ def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int) -> list[str]
         lines.append(f"{len(results)} concurrent /infer requests, all answered with text: "
                      + "; ".join(f"{k}: {v}" for k, v in sorted(served.items())))
         lines.append("")
+        if per_proc_gpus == 1:  # a first look at the two batching paths; full benchmarks are a separate script
+            lines += [f"Throughput over all {workers} workers: " + throughput(url, 64 * workers, 128), ""]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
@@ -126,8 +141,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = Path(scratch) / "random-smollm2-135m"
         build_random_model(source, model)
-        for per_proc_gpus in (1, 2):
-            report += run(model, per_proc_gpus, gpu_count, port)
+        report += run(model, 1, gpu_count, port)  # auto: continuous batching on GPU
+        report += run(model, 1, gpu_count, port, batching="generate")
+        report += run(model, 2, gpu_count, port)
     print("\n".join(report))
 
 

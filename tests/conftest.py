@@ -24,6 +24,28 @@ def embedded_model_dir() -> Path:
     return resolve()
 
 
+@pytest.fixture(scope="session")
+def reference_model(embedded_model_dir):
+    """The embedded model loaded directly with transformers, in float32 (the engine's CPU default)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def plain_generate(reference_model, prompt: str, max_new_tokens: int) -> str:
+    """One prompt through plain greedy `generate`, decoded as the server decodes answers."""
+    import torch
+
+    tokenizer, model = reference_model
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,6 +67,12 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def infer(self, instances: list[str], **params) -> list:
+        """POST /infer and return the answer, failing the test on any status but 200."""
+        response = requests.post(f"{self.url}/infer", json={"instances": instances, "params": params}, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

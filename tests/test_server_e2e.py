@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import plain_generate
 
 LOGPROB_TOLERANCE = 1e-4
 PROMPTS = [
@@ -32,37 +33,18 @@ def server(start_server):
     return server
 
 
-@pytest.fixture(scope="module")
-def reference(embedded_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
-    return tokenizer, model
-
-
-def infer(server, instances, **params):
-    response = requests.post(f"{server.url}/infer", json={"instances": instances, "params": params}, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def test_two_cpu_workers_hold_distinct_slices(server):
     assert sorted(server.slices.values()) == ["cpu0", "cpu1"]
 
 
-def test_greedy_answers_equal_plain_generate(server, reference):
-    tokenizer, model = reference
-    expected = []
-    for prompt in PROMPTS:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        expected.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-    assert infer(server, PROMPTS, temperature=0, max_tokens=24) == expected
+def test_greedy_answers_equal_plain_generate(server, reference_model):
+    expected = [plain_generate(reference_model, prompt, max_new_tokens=24) for prompt in PROMPTS]
+    assert server.infer(PROMPTS, temperature=0, max_tokens=24) == expected
 
 
-def test_prompt_logprobs_equal_direct_computation(server, reference):
-    tokenizer, model = reference
-    answers = infer(server, PROMPTS, prompt_logprobs=0)
+def test_prompt_logprobs_equal_direct_computation(server, reference_model):
+    tokenizer, model = reference_model
+    answers = server.infer(PROMPTS, prompt_logprobs=0)
     for prompt, answer in zip(PROMPTS, answers):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
@@ -74,28 +56,28 @@ def test_prompt_logprobs_equal_direct_computation(server, reference):
 
 def test_eight_concurrent_clients_are_all_answered_as_if_alone(server):
     prompts = [f"Count from {i}: {i}, {i + 1}," for i in range(8)]
-    alone = [infer(server, [prompt], temperature=0, max_tokens=12)[0] for prompt in prompts]
+    alone = [server.infer([prompt], temperature=0, max_tokens=12)[0] for prompt in prompts]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        together = list(pool.map(lambda p: infer(server, [p], temperature=0, max_tokens=12)[0], prompts))
+        together = list(pool.map(lambda p: server.infer([p], temperature=0, max_tokens=12)[0], prompts))
     assert together == alone
     assert all(text for text in together)
 
 
 def test_n_gives_a_list_per_instance_and_a_seed_repeats_it(server):
-    first = infer(server, PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8)
+    first = server.infer(PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8)
     assert [len(choices) for choices in first] == [3, 3]
-    assert infer(server, PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8) == first
+    assert server.infer(PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8) == first
 
 
 def test_stop_string_ends_the_answer_before_it(server):
-    unstopped = infer(server, ["1, 2, 3, 4,"], temperature=0, max_tokens=16)[0]
+    unstopped = server.infer(["1, 2, 3, 4,"], temperature=0, max_tokens=16)[0]
     assert " 6" in unstopped
-    assert infer(server, ["1, 2, 3, 4,"], temperature=0, max_tokens=16, stop=[" 6"])[0] == unstopped.split(" 6")[0]
+    assert server.infer(["1, 2, 3, 4,"], temperature=0, max_tokens=16, stop=[" 6"])[0] == unstopped.split(" 6")[0]
 
 
-def test_max_tokens_bounds_the_answer(server, reference):
-    tokenizer, _ = reference
-    text = infer(server, ["Once upon a time"], temperature=0, max_tokens=5, ignore_eos=True)[0]
+def test_max_tokens_bounds_the_answer(server, reference_model):
+    tokenizer, _ = reference_model
+    text = server.infer(["Once upon a time"], temperature=0, max_tokens=5, ignore_eos=True)[0]
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
 
 
@@ -127,7 +109,7 @@ def test_malformed_json_is_a_400(server):
 
 
 def test_unknown_params_keys_are_ignored_with_a_warning(server):
-    answer = infer(server, ["Hi"], max_tokens=2, best_of=3, use_beam_search=False)
+    answer = server.infer(["Hi"], max_tokens=2, best_of=3, use_beam_search=False)
     assert isinstance(answer[0], str)
     assert "ignoring unknown params key 'best_of'" in server.log()
 

@@ -1,0 +1,68 @@
+"""End to end on the continuous-batching path of the transformers engine (the default on GPU), run on CPU.
+
+A real server started with `--batching continuous`; requests that continuous batching cannot serve (seeds, stop
+strings, penalties, prompt scoring) take the batched-generate path in the same worker while it runs.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import plain_generate
+
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Question: what is 7 times 8?\nAnswer:"]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    server = start_server("--cpu-workers", "1", "--batching", "continuous")
+    server.wait_until_ready(workers=1)
+    return server
+
+
+def test_ready_reports_continuous_batching(server):
+    assert requests.get(f"{server.url}/ready").json()["batching"] == "continuous"
+
+
+def test_greedy_answers_equal_plain_generate(server, reference_model):
+    expected = [plain_generate(reference_model, prompt, max_new_tokens=20) for prompt in PROMPTS]
+    assert server.infer(PROMPTS, temperature=0, max_tokens=20) == expected
+
+
+def test_sampling_gives_n_texts_of_bounded_length(server, reference_model):
+    tokenizer, _ = reference_model
+    answers = server.infer(PROMPTS[:2], n=3, temperature=1.0, top_p=0.9, top_k=40, max_tokens=6, ignore_eos=True)
+    assert [len(choices) for choices in answers] == [3, 3]
+    for text in (text for choices in answers for text in choices):
+        assert 1 <= len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 7
+
+
+def test_mixed_concurrent_requests_take_both_paths_and_are_all_answered(server, reference_model):
+    greedy = {prompt: plain_generate(reference_model, prompt, max_new_tokens=12) for prompt in PROMPTS}
+    seeded = server.infer([PROMPTS[0]], seed=11, max_tokens=8)  # batched-generate path
+
+    def send(i: int):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if i % 3 == 0:
+            return "seeded", server.infer([PROMPTS[0]], seed=11, max_tokens=8)
+        if i % 3 == 1:
+            return ("greedy", prompt), server.infer([prompt], temperature=0, max_tokens=12)
+        return "stop", server.infer([prompt], temperature=0, max_tokens=12, stop=["\n"])
+
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        results = list(pool.map(send, range(9)))
+    for kind, answer in results:
+        if kind == "seeded":
+            assert answer == seeded
+        elif kind == "stop":
+            assert "\n" not in answer[0]
+        else:
+            assert answer == [greedy[kind[1]]]
+
+
+def test_prompt_logprobs_still_served(server):
+    answer = server.infer(["The cat sat on the mat"], prompt_logprobs=0)
+    assert len(answer[0]) >= 4 and all(value <= 0 for value in answer[0])
