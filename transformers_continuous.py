@@ -36,7 +36,8 @@ class ContinuousBatching:
         # Values other than the neutral ones make the manager build its per-request temperature, top-k and top-p
         # processors; every request then passes all three, so these defaults never apply to a request.
         config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, pad_token_id=pad_token_id, max_new_tokens=16
+            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, pad_token_id=pad_token_id, max_new_tokens=16,
+            eos_token_id=-1,  # none by default: each request passes its own stop tokens
         )
         self.manager = model.init_continuous_batching(
             generation_config=config,
