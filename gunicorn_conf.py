@@ -33,6 +33,9 @@ threads = settings.threads
 timeout = settings.worker_timeout
 graceful_timeout = settings.worker_timeout
 keepalive = 5
+# Recycling a worker frees whatever its process accumulated; its replacement acquires a free slice.
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests // 10
 proc_name = "gunicorn-llm"
 # gunicorn's control socket sits at one per-user path: two servers on one host would fight over it.
 control_socket_disable = True

@@ -58,6 +58,9 @@ class ServerSettings(BaseSettings):
     worker_timeout: int = _setting(
         300, "WORKER_TIMEOUT", "--timeout", "seconds before a silent worker is killed; also the graceful drain", ge=1
     )
+    max_requests: int = _setting(
+        0, "MAX_REQUESTS", "--max-requests", "requests before a worker is recycled (0: never)", ge=0
+    )
     threads: int = _setting(32, "THREADS", "--threads", "concurrent requests per worker", ge=1, le=4096)
     max_batch_size: int = _setting(
         32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1

@@ -28,6 +28,7 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --timeout S                seconds before a silent worker is killed; also
                              the graceful drain on stop                       [WORKER_TIMEOUT=300]
   --threads N                concurrent requests per worker                   [THREADS=32]
+  --max-requests N           requests before a worker is recycled; 0: never   [MAX_REQUESTS=0]
   --max-batch-size N         sequences per batch (transformers engine)        [MAX_BATCH_SIZE=32]
   --batching MODE            transformers engine: continuous, generate, or
                              auto (continuous on GPU, generate on CPU)        [BATCHING=auto]
@@ -41,7 +42,7 @@ USAGE
 long_options="help,model_name:,model-name:,hf-model-name:,infer_type:,infer-type:,per_proc_gpus:,per-proc-gpus:"
 long_options+=",workers-per-gpu:,workers_per_gpu:,cpu-workers:,cuda-visible-devices:,cuda_visible_devices:"
 long_options+=",gpu-ids:,host:,port:,max-model-len:,max_model_len:,dtype:,quantization:,timeout:,threads:"
-long_options+=",max-batch-size:,batching:,log-level:"
+long_options+=",max-batch-size:,batching:,max-requests:,log-level:"
 
 if ! parsed=$(getopt --name "$(basename "$0")" --options h --longoptions "$long_options" -- "$@"); then
 	echo "Try '$(basename "$0") --help' for the options." >&2
@@ -68,6 +69,7 @@ while true; do
 	--threads) export THREADS="$2"; shift 2 ;;
 	--max-batch-size) export MAX_BATCH_SIZE="$2"; shift 2 ;;
 	--batching) export BATCHING="$2"; shift 2 ;;
+	--max-requests) export MAX_REQUESTS="$2"; shift 2 ;;
 	--log-level) export LOG_LEVEL="$2"; shift 2 ;;
 	--) shift; break ;;
 	*) echo "$(basename "$0"): internal error parsing option $1" >&2; exit 70 ;;

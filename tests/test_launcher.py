@@ -190,6 +190,7 @@ BAD_VALUES = [
     (["--threads", "0"], ["--threads (THREADS)='0'"]),
     (["--max-batch-size", "0"], ["--max-batch-size (MAX_BATCH_SIZE)='0'"]),
     (["--max-model-len", "0"], ["--max-model-len (MAX_MODEL_LEN)='0'"]),
+    (["--max-requests", "-1"], ["--max-requests (MAX_REQUESTS)='-1'"]),
     (["--host", ""], ["--host (HOST)=''"]),
 ]
 
@@ -205,6 +206,10 @@ def test_unknown_infer_type_is_refused(tmp_path):
 
 def test_unknown_dtype_is_refused(tmp_path):
     assert_refused(launch(tmp_path, "--dtype", "float8"), "--dtype (DTYPE)='float8'", "'bfloat16'")
+
+
+def test_unknown_batching_mode_is_refused(tmp_path):
+    assert_refused(launch(tmp_path, "--batching", "eager"), "--batching (BATCHING)='eager'", "'continuous'")
 
 
 def test_unknown_log_level_is_refused(tmp_path):
@@ -321,6 +326,8 @@ def test_invalid_hub_name_is_refused(tmp_path):
         ("--timeout", "30"),
         ("--threads", "4"),
         ("--max-batch-size", "8"),
+        ("--batching", "generate"),
+        ("--max-requests", "100"),
         ("--log-level", "debug"),
     ],
 )

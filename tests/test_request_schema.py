@@ -160,6 +160,10 @@ def test_a_number_in_instances_names_its_index():
     assert error_of({"instances": ["ok", None]}).param == "instances.1"
 
 
+def test_an_empty_instance_string_names_its_index():
+    assert error_of({"instances": ["ok", ""]}).param == "instances.1"
+
+
 def test_missing_instances_names_instances():
     error = error_of({"params": {}})
     assert error.param == "instances"
