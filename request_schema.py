@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class RequestError(ValueError):
@@ -25,7 +25,7 @@ class RequestError(ValueError):
 class SamplingParams(BaseModel):
     """How to generate, for every instance of a request. Immutable and hashable, so equal params batch together."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
 
     n: int = Field(1, ge=1, le=64, description="completions per instance")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -52,7 +52,7 @@ class SamplingParams(BaseModel):
         if isinstance(value, str):
             return (value,)
         if isinstance(value, list):
-            return tuple(value)
+            return tuple(value) or None  # no stop strings is the same request as none given
         return value
 
     @field_validator("stop_token_ids", mode="before")
@@ -82,21 +82,18 @@ class InferRequest(BaseModel):
     instances: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _must_be_object(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError("the body must be a JSON object with 'instances' and 'params'")
-        return value
-
 
 KNOWN_PARAMS = frozenset(SamplingParams.model_fields)
 
 
 def parse_infer_request(body: Any) -> tuple[InferRequest, list[str]]:
     """Validate an `/infer` body; return it with the names of the params keys that were ignored."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with 'instances' and 'params'")
+    if body.get("params", ...) is None:  # some clients send "params": null for "the defaults"
+        body = {key: value for key, value in body.items() if key != "params"}
     ignored: list[str] = []
-    if isinstance(body, dict) and isinstance(body.get("params"), dict):
+    if isinstance(body.get("params"), dict):
         params = body["params"]
         ignored = sorted(key for key in params if key not in KNOWN_PARAMS)
         body = {**body, "params": {key: value for key, value in params.items() if key in KNOWN_PARAMS}}

@@ -7,7 +7,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-	cat >&2 <<USAGE
+	cat <<USAGE
 Usage: $(basename "$0") [options]
 
 Serve a language model on every GPU of this machine (or on CPU without one): POST /infer.
@@ -35,7 +35,8 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --log-level L              debug, info, warning or error                    [LOG_LEVEL=info]
   -h, --help                 this help
 
-The original tool's spellings work too: --hf-model-name, --per-proc-gpus, --infer-type.
+Also accepted: the original tool's --hf-model-name, --per-proc-gpus, --infer-type, and --model-name,
+--workers_per_gpu, --cuda_visible_devices, --max_model_len.
 USAGE
 }
 

@@ -218,4 +218,22 @@ def test_empty_instances_list_is_refused():
 def test_a_body_that_is_not_an_object_is_refused(body):
     error = error_of(body)
     assert error.param is None  # no field to name: the whole body is wrong
-    assert "JSON object" in error.message
+    assert error.message == "the body must be a JSON object with 'instances' and 'params'"
+
+
+def test_null_params_means_the_defaults():
+    request, ignored = parse_infer_request({"instances": ["Hello"], "params": None})
+    assert request.params == SamplingParams() and ignored == []
+
+
+def test_empty_stop_list_is_the_same_request_as_no_stop():
+    request, _ = parse_infer_request({"instances": ["Hello"], "params": {"stop": []}})
+    assert request.params.stop is None
+    assert request.params == SamplingParams()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numbers_are_refused_as_such(value):
+    error = params_error(temperature=value)
+    assert error.param == "params.temperature"
+    assert "finite" in error.message
