@@ -50,6 +50,8 @@ class Device:
 class Slice:
     index: int
     devices: tuple[Device, ...]
+    cpu_cores: tuple[int, ...] = ()  # CPU slices: the cores its worker is pinned to (empty: no pinning)
+    cpu_threads: int = 0  # CPU slices: compute threads for its worker
 
     @property
     def label(self) -> str:
@@ -170,7 +172,9 @@ def cut_slices(devices: list[Device], per_slice: int) -> list[Slice]:
     if per_slice < 1:
         raise DispatchError(f"PER_PROC_GPUS must be 1 or more, not {per_slice}")
     if devices and devices[0].pin == "":  # CPU workers run one per CPU "device", whatever PER_PROC_GPUS says
-        return [Slice(index, (device,)) for index, device in enumerate(devices)]
+        shares = _core_shares(len(devices))
+        threads = max(1, len(os.sched_getaffinity(0)) // len(devices))
+        return [Slice(index, (device,), shares[index], threads) for index, device in enumerate(devices)]
     if len(devices) % per_slice:
         raise DispatchError(
             f"--per_proc_gpus {per_slice} does not divide the {len(devices)} visible GPUs "
@@ -180,6 +184,15 @@ def cut_slices(devices: list[Device], per_slice: int) -> list[Slice]:
         Slice(index, tuple(devices[start : start + per_slice]))
         for index, start in enumerate(range(0, len(devices), per_slice))
     ]
+
+
+def _core_shares(workers: int) -> list[tuple[int, ...]]:
+    """Disjoint, equal runs of this process's cores, one per CPU worker; none when there are fewer cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        return [()] * workers  # several workers per core: let the OS schedule them
+    share = len(cores) // workers
+    return [tuple(cores[n * share : (n + 1) * share]) for n in range(workers)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,6 +311,12 @@ def pin_slice(slice_: Slice) -> None:
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's indices then agree with NVML's and nvidia-smi's
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(device.pin for device in slice_.devices)
     os.environ["GPU_SLICE"] = slice_.label
+    if slice_.cpu_threads:
+        # CPU workers share the machine's cores: without this, each engine would start a thread per core.
+        os.environ["OMP_NUM_THREADS"] = str(slice_.cpu_threads)
+    if slice_.cpu_cores:
+        os.sched_setaffinity(0, slice_.cpu_cores)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, slice_.cpu_cores))
 
 
 def pinned_slice_label() -> str:

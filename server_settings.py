@@ -95,6 +95,16 @@ class ServerSettings(BaseSettings):
     def _empty_number_is_unset(cls, value):
         return None if value in ("", "None", "none") else value
 
+    def weights_dtype(self, on_gpu: bool) -> str:
+        """--dtype with `auto` resolved, for both engines: the checkpoint's dtype on GPU, float32 on CPU.
+
+        On CPUs without native bf16 units, bf16 made a prompt's log-probabilities depend on what it was batched with
+        by up to 0.11 nats (docs/benchmarks.md); scores that decide benchmark results must not.
+        """
+        if self.dtype != "auto":
+            return self.dtype
+        return "auto" if on_gpu else "float32"
+
     @property
     def effective_slice_wait(self) -> float:
         # gunicorn starts a reload's new workers before the old ones have drained, so wait longer than a drain.

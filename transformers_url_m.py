@@ -82,13 +82,10 @@ class TransformersEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
-            dtype=_weights_dtype(settings.dtype),
+            dtype=_torch_dtype(settings.weights_dtype(on_gpu=torch.cuda.is_available())),
             device_map=_device_map(settings.per_proc_gpus),
             trust_remote_code=settings.trust_remote_code,
         ).eval()
-        if not torch.cuda.is_available():
-            # Several CPU workers share the cores; without this each would start one thread per core.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.cpu_workers))
         self.device = self.model.get_input_embeddings().weight.device
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -262,13 +259,8 @@ def _chunks_within(encoded: list[list[int]], token_budget: int):
         yield chunk
 
 
-def _weights_dtype(requested: str):
-    if requested != "auto":
-        return getattr(torch, requested)
-    # On GPU, the checkpoint's dtype. On CPU, float32: without native bf16 units, bf16 matmuls made a prompt's
-    # log-probabilities depend on what it was batched with by up to 0.11 nats (docs/benchmarks.md); scores that
-    # decide benchmark results must not. --dtype bfloat16 trades that for about twice the CPU speed.
-    return "auto" if torch.cuda.is_available() else torch.float32
+def _torch_dtype(name: str):
+    return name if name == "auto" else getattr(torch, name)
 
 
 def _device_map(per_proc_gpus: int):
