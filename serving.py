@@ -31,14 +31,17 @@ APP_LOAD_ERROR = 4  # gunicorn's exit status for "app failed to load": the maste
 class EngineSlot:
     """Holds the worker's engine, built once in a background thread."""
 
-    def __init__(self, build: Callable[[], Engine]):
+    def __init__(self, build: Callable[[], Engine], app: Flask):
         self._ready = threading.Event()
         self.engine: Engine | None = None
-        threading.Thread(target=self._build, args=(build,), name="engine-loader", daemon=True).start()
+        threading.Thread(target=self._build, args=(build, app), name="engine-loader", daemon=True).start()
 
-    def _build(self, build: Callable[[], Engine]) -> None:
+    def _build(self, build: Callable[[], Engine], app: Flask) -> None:
         try:
-            self.engine = build()
+            # vLLM's kernel registration probes the globals of every loaded module, Flask's request-local proxies
+            # included, which raise outside a request: give the loading thread a (dummy) request context.
+            with app.test_request_context():
+                self.engine = build()
         except BaseException:
             log.exception("worker %s: the model failed to load; stopping the server", os.getpid())
             sys.stderr.flush()
@@ -58,7 +61,7 @@ def error_response(status: int, message: str, error_type: str, param: str | None
 def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -> Flask:
     """A Flask app serving the engine that `build_engine` returns (called once, in a background thread)."""
     app = Flask(__name__)
-    slot = EngineSlot(build_engine)
+    slot = EngineSlot(build_engine, app)
     warned_keys: set[str] = set()
 
     def ready_engine() -> Engine:

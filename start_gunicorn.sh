@@ -25,6 +25,8 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --max-model-len N          context length, prompt plus output tokens        [MAX_MODEL_LEN]
   --dtype T                  auto, bfloat16, float16 or float32               [DTYPE=auto]
   --quantization M           vLLM quantization method                         [QUANTIZATION]
+  --gpu-memory-utilization F vLLM's share of each GPU's memory                [GPU_MEMORY_UTILIZATION=0.9]
+  --enforce-eager            vLLM without CUDA graphs (default on CPU only)   [ENFORCE_EAGER]
   --timeout S                seconds before a silent worker is killed; also
                              the graceful drain on stop                       [WORKER_TIMEOUT=300]
   --threads N                concurrent requests per worker                   [THREADS=32]
@@ -43,7 +45,7 @@ USAGE
 long_options="help,model_name:,model-name:,hf-model-name:,infer_type:,infer-type:,per_proc_gpus:,per-proc-gpus:"
 long_options+=",workers-per-gpu:,workers_per_gpu:,cpu-workers:,cuda-visible-devices:,cuda_visible_devices:"
 long_options+=",gpu-ids:,host:,port:,max-model-len:,max_model_len:,dtype:,quantization:,timeout:,threads:"
-long_options+=",max-batch-size:,batching:,max-requests:,log-level:"
+long_options+=",max-batch-size:,batching:,max-requests:,log-level:,gpu-memory-utilization:,enforce-eager"
 
 if ! parsed=$(getopt --name "$(basename "$0")" --options h --longoptions "$long_options" -- "$@"); then
 	echo "Try '$(basename "$0") --help' for the options." >&2
@@ -66,6 +68,8 @@ while true; do
 	--max-model-len | --max_model_len) export MAX_MODEL_LEN="$2"; shift 2 ;;
 	--dtype) export DTYPE="$2"; shift 2 ;;
 	--quantization) export QUANTIZATION="$2"; shift 2 ;;
+	--gpu-memory-utilization) export GPU_MEMORY_UTILIZATION="$2"; shift 2 ;;
+	--enforce-eager) export ENFORCE_EAGER=true; shift ;;
 	--timeout) export WORKER_TIMEOUT="$2"; shift 2 ;;
 	--threads) export THREADS="$2"; shift 2 ;;
 	--max-batch-size) export MAX_BATCH_SIZE="$2"; shift 2 ;;
