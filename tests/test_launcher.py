@@ -235,10 +235,17 @@ def test_quantization_with_the_transformers_engine_is_refused(tmp_path):
 # Engine choice, case-insensitive
 
 
-def test_vllm_in_any_case_is_refused_as_not_available_yet(tmp_path):
-    line = assert_refused(launch(tmp_path, "--infer_type", "vLLM"), "--infer_type vllm", "vLLM engine")
-    assert "not part of this version yet" in line
-    assert "INFER_TYPE" not in line  # the value itself was valid: this is not a validation error
+@pytest.mark.parametrize("spelling", ["vLLM", "VLLM", "vllm"])
+def test_vllm_in_any_case_is_a_valid_engine(tmp_path, spelling):
+    line = assert_refused(launch(tmp_path, "--infer_type", spelling, "--port", "0"), "--port (PORT)='0'")
+    assert "INFER_TYPE" not in line
+
+
+def test_quantization_is_accepted_with_the_vllm_engine(tmp_path):
+    line = assert_refused(
+        launch(tmp_path, "--infer_type", "vllm", "--quantization", "awq", "--port", "0"), "--port (PORT)='0'"
+    )
+    assert "quantization" not in line
 
 
 def test_upper_case_transformers_is_a_valid_engine(tmp_path):
