@@ -1,39 +1,106 @@
-"""The small interface both inference engines implement, so the HTTP layer (`serving.py`) is written once.
+"""The small interface both inference engines implement, so everything above them is written once.
+
+An engine turns token ids into token ids: it starts a generation for a tokenized prompt and reports, per choice
+(`n` of them), the new tokens as they are produced and why the choice finished. Text, stop strings and every
+response format live above it (generation.py, serving.py, openai_api.py).
 
 An engine is built inside a gunicorn worker after its GPU slice is pinned, and is called from many request
-threads at once: it must batch concurrent calls itself rather than serialise them.
+threads at once: it must batch concurrent generations itself rather than serialise them.
 """
 
 from __future__ import annotations
 
+import queue
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from request_schema import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (before any sampling transform), with the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one choice produced since its last update."""
+
+    choice: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
+    finish_reason: str | None = None  # None while running; "stop": a stop or end-of-sequence token; "length"
+
+
+_END = object()
+
+
+@dataclass
+class GenerationStream:
+    """The updates of one prompt's generation, in order, as the engine produces them.
+
+    The engine calls `publish` from its own thread; one request thread iterates. `cancel` stops the generation in
+    the engine (a client that left, a stop string found) and ends the iteration.
+    """
+
+    choices: int
+    abort: Callable[[], None]
+    _updates: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False
+
+    def publish(self, update: ChoiceUpdate) -> None:
+        self._updates.put(update)
+
+    def fail(self, error: BaseException) -> None:
+        self._updates.put(error)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.abort()
+            self._updates.put(_END)
+
+    def __iter__(self) -> Iterator[ChoiceUpdate]:
+        open_choices = self.choices
+        while open_choices:
+            item = self._updates.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                open_choices -= 1
+            yield item
 
 
 class Engine(ABC):
     #: the name clients see for the served model
     model_name: str
+    #: the model's tokenizer (Hugging Face interface): the layer above encodes prompts and decodes tokens with it
+    tokenizer: object
+    #: tokens that end a generation unless `ignore_eos` is set
+    eos_token_ids: tuple[int, ...]
+    #: prompt plus generated tokens at most
+    max_model_len: int
 
     @abstractmethod
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
-        """For each prompt, `params.n` generated texts (the prompt not repeated, stop strings cut off)."""
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        """Begin generating `params.n` choices for the prompt; returns at once.
 
-    @abstractmethod
-    def prompt_logprobs(self, prompts: list[str]) -> list[list[float]]:
-        """For each prompt, log P(token_i | tokens_<i) for every prompt token after the first.
-
-        Tokens are the tokenizer's encoding of the prompt with its default special tokens (as vLLM encodes it).
+        The engine ends a choice on an end-of-sequence token (unless `params.ignore_eos`), on one of
+        `params.stop_token_ids` (that token is the choice's last), or after `params.max_tokens` tokens. It ignores
+        `params.stop` strings: the layer above finds them in the text and cancels.
         """
+
+    @abstractmethod
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+        """For each prompt, the log-probability of every token after the first given the tokens before it."""
 
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}
-
-
-def truncate_at_stop(text: str, stop: tuple[str, ...] | None) -> str:
-    """Cut `text` before the earliest stop string, as vLLM does by default."""
-    if not stop:
-        return text
-    cut = min((index for index in (text.find(s) for s in stop) if index >= 0), default=len(text))
-    return text[:cut]

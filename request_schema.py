@@ -81,6 +81,7 @@ class InferRequest(BaseModel):
 
     instances: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = Field(False, description="answer one JSON line per text delta instead of one list")
 
 
 KNOWN_PARAMS = frozenset(SamplingParams.model_fields)

@@ -21,7 +21,8 @@ from werkzeug.exceptions import HTTPException
 
 from dispatcher import pinned_slice_label
 from engine import Engine
-from request_schema import RequestError, parse_infer_request
+from generation import TextGeneration
+from request_schema import RequestError, SamplingParams, parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
 
@@ -53,6 +54,43 @@ class EngineSlot:
         return self.engine if self._ready.wait(timeout_s) else None
 
 
+def read_json_body():
+    try:
+        return json.loads(request.get_data() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise RequestError(f"malformed JSON body: {error}") from None
+
+
+def encode_prompt(engine: Engine, text: str, params: SamplingParams) -> list[int]:
+    """The prompt's token ids, refused with both numbers when it and `max_tokens` exceed the context."""
+    ids = engine.tokenizer(text)["input_ids"]
+    check_fits(engine, ids, params)
+    return ids
+
+
+def check_fits(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    if len(prompt_ids) + (0 if params.scores_prompt else params.max_tokens) > engine.max_model_len:
+        raise RequestError(
+            f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: together more than "
+            f"the model's context of {engine.max_model_len} tokens",
+            "max_tokens",
+        )
+
+
+def _infer_lines(generations: list[TextGeneration]):
+    """The streaming /infer answer: one JSON object per line and text delta, instance by instance."""
+    try:
+        for instance, generation in enumerate(generations):
+            for delta in generation:
+                if delta.text or delta.finish_reason:
+                    line = {"instance": instance, "choice": delta.choice, "text": delta.text,
+                            "finish_reason": delta.finish_reason}
+                    yield json.dumps(line) + "\n"
+    finally:  # the client left: nothing it asked for keeps running
+        for generation in generations:
+            generation.cancel()
+
+
 def error_response(status: int, message: str, error_type: str, param: str | None = None) -> tuple[Response, int]:
     """Every error this server sends, in OpenAI's shape."""
     return jsonify({"error": {"message": message, "type": error_type, "param": param, "code": status}}), status
@@ -72,20 +110,21 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
 
     @app.post("/infer")
     def infer():
-        try:
-            body = json.loads(request.get_data() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"malformed JSON body: {error}") from None
-        infer_request, ignored = parse_infer_request(body)
+        infer_request, ignored = parse_infer_request(read_json_body())
         for key in set(ignored) - warned_keys:
             log.warning("/infer: ignoring unknown params key %r (warned once per worker)", key)
             warned_keys.add(key)
         engine = ready_engine()
         params = infer_request.params
+        prompts = [encode_prompt(engine, text, params) for text in infer_request.instances]
         if params.scores_prompt:
-            return jsonify(engine.prompt_logprobs(infer_request.instances))
-        texts = engine.generate(infer_request.instances, params)
-        return jsonify([choices[0] if params.n == 1 else choices for choices in texts])
+            return jsonify([[token.logprob for token in row] for row in engine.prompt_logprobs(prompts)])
+        # All instances start before any is read: the engine batches them together.
+        generations = [TextGeneration(engine, ids, params) for ids in prompts]
+        if infer_request.stream:
+            return Response(_infer_lines(generations), mimetype="application/x-ndjson")
+        answers = [[choice.text for choice in generation.collect()] for generation in generations]
+        return jsonify([choices[0] if params.n == 1 else choices for choices in answers])
 
     @app.get("/health")
     def health():

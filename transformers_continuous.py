@@ -1,15 +1,13 @@
 """The continuous-batching path of the transformers engine: transformers' own `ContinuousBatchingManager`.
 
-One manager per worker runs a generation loop in its own thread; request threads add their sequences to it and
-wait on futures that one routing thread settles as sequences finish. Sequences join and leave the running batch
-at every step, so a short request never waits for a long one.
+One manager per worker runs a generation loop in its own thread; request threads add sequences to it (one per
+choice) and a routing thread turns the manager's streamed outputs into `ChoiceUpdate`s on each request's stream.
+Sequences join and leave the running batch at every step, so a short request never waits for a long one, and a
+cancelled one leaves at once.
 
-The manager applies temperature, top-k and top-p per request, and a per-request end-of-sequence set; requests
-that need anything else (a seed, penalties, min_p, stop strings, prompt scoring) go to the engine's batched
-`generate` path instead (`can_serve`). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes
-for every request alike.
-
-This module drives the manager; decoding token ids into answers stays in the engine.
+The manager applies temperature, top-k and top-p per request and a per-request end-of-sequence set; requests that
+need anything else (a seed, penalties, min_p, logprobs) go to the engine's batched `generate` path instead
+(`can_serve`). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes for every request alike.
 """
 
 from __future__ import annotations
@@ -18,15 +16,25 @@ import contextlib
 import logging
 import threading
 import uuid
-from concurrent.futures import Future
+from dataclasses import dataclass
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from engine import ChoiceUpdate, GenerationStream
 from request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 
 CPU_CACHE_BLOCKS = 32  # x 256-token pages: room for 8,192 tokens in flight per worker on CPU
+
+
+@dataclass
+class _Sequence:
+    stream: GenerationStream
+    choice: int
+    max_tokens: int
+    stop_ids: frozenset[int]
+    sent: int = 0  # generated tokens already published
 
 
 class ContinuousBatching:
@@ -49,7 +57,7 @@ class ContinuousBatching:
             ),
         )
         self.manager.start()
-        self._waiting: dict[str, Future] = {}
+        self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
         self._loop_error: BaseException | None = None
         threading.Thread(target=self._route_results, name="cb-results", daemon=True).start()
@@ -58,37 +66,30 @@ class ContinuousBatching:
     def can_serve(params: SamplingParams) -> bool:
         return (
             params.seed is None
-            and not params.stop
-            and not params.scores_prompt
+            and params.logprobs is None
             and params.presence_penalty == 0.0
             and params.frequency_penalty == 0.0
             and params.repetition_penalty == 1.0
             and params.min_p == 0.0
         )
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, stop_ids: tuple[int, ...]):
-        """For each prompt, `params.n` lists of generated token ids (ending with the stop token when one ended it)."""
+    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
         if self._loop_error is not None:
             raise RuntimeError(f"the generation loop died: {self._loop_error}")
+        request_ids = [uuid.uuid4().hex for _ in range(params.n)]
+        stream = GenerationStream(params.n, abort=lambda: self._cancel(request_ids))
         sampling = self._sampling_kwargs(params)
-        futures = []
-        for ids in prompt_ids:
-            for _ in range(params.n):
-                request_id = uuid.uuid4().hex
-                future: Future = Future()
-                with self._lock:  # registered before it is added, so a fast result always finds its future
-                    self._waiting[request_id] = future
-                added = self.manager.add_request(
-                    ids, request_id=request_id, max_new_tokens=params.max_tokens, eos_token_id=list(stop_ids),
-                    **sampling,
-                )
-                if added is None:
-                    with self._lock:
-                        self._waiting.pop(request_id, None)
-                    raise RuntimeError("the continuous batching manager is not accepting requests")
-                futures.append(future)
-        tokens = [future.result() for future in futures]
-        return [tokens[i : i + params.n] for i in range(0, len(tokens), params.n)]
+        for choice, request_id in enumerate(request_ids):
+            with self._lock:  # registered before it is added, so its first output always finds it
+                self._sequences[request_id] = _Sequence(stream, choice, params.max_tokens, stop_ids)
+            added = self.manager.add_request(
+                prompt_ids, request_id=request_id, max_new_tokens=params.max_tokens, eos_token_id=list(stop_ids),
+                streaming=True, **sampling,
+            )
+            if added is None:
+                self._cancel(request_ids)
+                raise RuntimeError("the continuous batching manager is not accepting requests")
+        return stream
 
     def _sampling_kwargs(self, params: SamplingParams) -> dict:
         if params.is_greedy:
@@ -96,10 +97,16 @@ class ContinuousBatching:
         top_k = params.top_k if params.top_k > 0 else self.vocab_size
         return {"temperature": float(params.temperature), "top_k": top_k, "top_p": float(params.top_p)}
 
+    def _cancel(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            with self._lock:
+                running = self._sequences.pop(request_id, None) is not None
+            if running:
+                self.manager.cancel_request(request_id)
+
     def paused(self):
         """A context in which the caller has the model to itself (the generation loop waits, keeping its batch)."""
-        pause = getattr(self.manager, "pause", None)
-        return pause() if pause is not None and self.manager.is_running() else contextlib.nullcontext()
+        return self.manager.pause() if self.manager.is_running() else contextlib.nullcontext()
 
     def _route_results(self) -> None:
         while True:
@@ -110,21 +117,28 @@ class ContinuousBatching:
                     self._fail_all(error)
                     return
                 continue
-            if not output.is_finished():
-                continue
+            finished = output.is_finished()
             with self._lock:
-                future = self._waiting.pop(output.request_id, None)
-            if future is None:
-                continue
+                sequence = self._sequences.get(output.request_id)
+                if sequence is not None and finished:
+                    del self._sequences[output.request_id]
+            if sequence is None:
+                continue  # cancelled meanwhile
             if output.error:
-                future.set_exception(RuntimeError(f"generation failed: {output.error}"))
-            else:
-                future.set_result(list(output.generated_tokens))
+                sequence.stream.fail(RuntimeError(f"generation failed: {output.error}"))
+                continue
+            tokens = list(output.generated_tokens)  # cumulative in streaming mode
+            new, sequence.sent = tokens[sequence.sent :], len(tokens)
+            reason = None
+            if finished:
+                reason = "stop" if tokens and tokens[-1] in sequence.stop_ids else "length"
+            if new or reason:
+                sequence.stream.publish(ChoiceUpdate(sequence.choice, new, None, reason))
 
     def _fail_all(self, error: BaseException) -> None:
         log.error("continuous batching loop died: %s", error)
         with self._lock:
             self._loop_error = error
-            waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            future.set_exception(RuntimeError(f"the generation loop died: {error}"))
+            sequences, self._sequences = self._sequences, {}
+        for sequence in sequences.values():
+            sequence.stream.fail(RuntimeError(f"the generation loop died: {error}"))

@@ -1,18 +1,19 @@
 """The Hugging Face transformers engine, and the WSGI app gunicorn serves with `--infer_type transformers`.
 
-Concurrent requests of a worker are served together, on one of two paths:
+Concurrent generations of a worker are served together, on one of two paths:
 
-- continuous batching (transformers' own manager, transformers_continuous.py), the default on GPU, for requests
-  whose sampling it supports;
-- batched `generate`: handler threads queue their work, one batching thread takes everything waiting, groups it
-  by sampling parameters and runs each group as one batched `generate` (or, for prompt log-probabilities, one
-  padded forward pass). The default on CPU, where it measured far faster (docs/benchmarks.md), and the path for
-  everything continuous batching cannot do. Requests with a `seed` run as a batch of their own, so the same
-  request with the same seed gives the same text whatever else the server is doing.
+- continuous batching (transformers' own manager, transformers_continuous.py), the default on one GPU, for
+  requests whose sampling it supports;
+- batched `generate`: request threads queue their work, one batching thread takes everything waiting, groups it
+  by sampling parameters and runs each group as one batched `generate` (prompt log-probabilities: one padded
+  forward pass). The default on CPU, where it measured far faster (docs/benchmarks.md), and the path for
+  everything continuous batching cannot do. A step observer publishes every row's new token as it is sampled,
+  so this path streams too, and ends a row as soon as its client cancels. Sampling transforms are applied by
+  this module's own processor list, so the model's log-probabilities (before any transform) can be reported, as
+  vLLM reports them. Requests with a `seed` run as a batch of their own, so the same request with the same seed
+  gives the same text whatever else the server is doing.
 
-Either way, many instances in one request are one batch, not a loop.
-
-The HTTP side lives in serving.py; this file only builds and drives the model.
+The HTTP side lives in serving.py; text (decoding, stop strings) in generation.py; this file only drives the model.
 """
 
 from __future__ import annotations
@@ -26,9 +27,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from engine import Engine, truncate_at_stop
+from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
@@ -39,21 +53,30 @@ log = logging.getLogger("gunicorn.error")
 
 # Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
 SCORING_TOKEN_BUDGET = 4096
-SCORING = "score"  # the batching key of prompt-scoring work
 # Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
 # is headroom for the batched-generate path and vocabulary-sized temporaries.
 KV_CACHE_MEMORY_SHARE = 0.7
 
 
 @dataclass
-class Job:
-    prompts: list[str]
-    params: SamplingParams | None  # None: score the prompts instead of generating
+class GenerateJob:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: GenerationStream
+
+
+@dataclass
+class ScoreJob:
+    prompts: list[list[int]]
+    top: int
     result: Future = field(default_factory=Future)
 
-    @property
-    def batch_key(self):
-        return SCORING if self.params is None else self.params
+
+@dataclass
+class _Row:
+    job: GenerateJob
+    choice: int
+    done: bool = False
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):
@@ -72,6 +95,60 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class _StepObserver(StoppingCriteria):
+    """Watches a batched `generate` step by step, as its stopping criterion: publishes every live row's new token
+    (with its log-probability, recorded by `_RawLogprobs`), and ends rows that hit a stop token, their length, or
+    were cancelled."""
+
+    def __init__(self, rows: list[_Row], prompt_width: int, params: SamplingParams, stop_ids: frozenset[int]):
+        self.rows = rows
+        self.prompt_width = prompt_width
+        self.params = params
+        self.stop_ids = stop_ids
+        self.step_logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return self._observe(input_ids)
+
+    def _observe(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        tokens = input_ids[:, -1].tolist()
+        logprobs = self._logprobs(tokens) if self.step_logprobs is not None else None
+        done = []
+        for index, (row, token) in enumerate(zip(self.rows, tokens)):
+            if not row.done:
+                if row.job.stream.cancelled:
+                    row.done = True
+                else:
+                    reason = "stop" if token in self.stop_ids else "length" if generated >= self.params.max_tokens else None
+                    row.done = reason is not None
+                    entry = [logprobs[index]] if logprobs is not None else None
+                    row.job.stream.publish(ChoiceUpdate(row.choice, [token], entry, reason))
+            done.append(row.done)
+        return torch.tensor(done, device=input_ids.device)
+
+    def _logprobs(self, tokens: list[int]) -> list[TokenLogprob]:
+        chosen = self.step_logprobs.gather(-1, torch.tensor(tokens, device=self.step_logprobs.device)[:, None])
+        top_values, top_ids = self.step_logprobs.topk(max(self.params.logprobs, 1), dim=-1)
+        return [
+            TokenLogprob(token, value, tuple(zip(ids, values))[: self.params.logprobs])
+            for token, value, ids, values in zip(
+                tokens, chosen[:, 0].tolist(), top_ids.tolist(), top_values.tolist()
+            )
+        ]
+
+
+class _RawLogprobs(LogitsProcessor):
+    """First among the logits processors: keeps the model's own log-probabilities of the step for the observer."""
+
+    def __init__(self, observer: _StepObserver):
+        self.observer = observer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.observer.step_logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
 class TransformersEngine(Engine):
     def __init__(self, model_path: str, model_name: str, settings: ServerSettings):
         self.model_name = model_name
@@ -80,29 +157,42 @@ class TransformersEngine(Engine):
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        on_gpu = torch.cuda.is_available()
+        dtype = settings.weights_dtype(on_gpu)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
-            dtype=_torch_dtype(settings.weights_dtype(on_gpu=torch.cuda.is_available())),
-            device_map=_device_map(settings.per_proc_gpus),
+            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            # Over several GPUs of the slice accelerate places the layers; on one, everything goes to that GPU.
+            device_map=("auto" if settings.per_proc_gpus > 1 else {"": 0}) if on_gpu else None,
             trust_remote_code=settings.trust_remote_code,
         ).eval()
         self.device = self.model.get_input_embeddings().weight.device
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.continuous = None
-        # Continuous batching keeps one paged cache on one device; a model spread over a multi-GPU slice by
-        # accelerate serves through batched generate.
-        single_device = len({str(d) for d in getattr(self.model, "hf_device_map", {"": self.device}).values()}) == 1
-        wanted = settings.batching == "continuous" or (settings.batching == "auto" and self.device.type == "cuda")
-        if wanted and not single_device:
-            log.warning("worker %s: the model spans several GPUs; serving with batched generate", os.getpid())
-        if wanted and single_device:
-            vocab_size = self.model.get_output_embeddings().weight.shape[0]
-            # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
-            memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
-            self.continuous = ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share)
-        self._jobs: queue.Queue[Job] = queue.Queue()
+        # Only the token ids stay: the checkpoint's sampling defaults must never leak into a request, and generate()
+        # fills every setting a request leaves unset from this config.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id,
+            eos_token_id=list(self.eos_token_ids) or None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.continuous = self._continuous_batching(settings)
+        self._jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
+
+    def _continuous_batching(self, settings: ServerSettings) -> ContinuousBatching | None:
+        # It keeps one paged cache on one device: a model spread over a multi-GPU slice serves via batched generate.
+        devices = {str(d) for d in getattr(self.model, "hf_device_map", {"": self.device}).values()}
+        wanted = settings.batching == "continuous" or (settings.batching == "auto" and self.device.type == "cuda")
+        if wanted and len(devices) > 1:
+            log.warning("worker %s: the model spans several GPUs; serving with batched generate", os.getpid())
+        if not wanted or len(devices) > 1:
+            return None
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
+        memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
+        return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share)
 
     def describe(self) -> dict:
         placed_on = sorted({str(device) for device in getattr(self.model, "hf_device_map", {}).values()})
@@ -118,20 +208,18 @@ class TransformersEngine(Engine):
             "batching": "continuous" if self.continuous else "generate",
         }
 
-    # -- the interface the HTTP layer calls (from many threads) ----------------------------------------------
+    # -- the interface the layers above call (from many threads) ---------------------------------------------
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
         if self.continuous is not None and ContinuousBatching.can_serve(params):
-            stop_ids = self._stop_ids(params)
-            prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
-            tokens = self.continuous.generate(prompt_ids, params, stop_ids)
-            return [[self._decode(choice, stop_ids, params) for choice in choices] for choices in tokens]
-        return self._submit(Job(prompts, params))
+            return self.continuous.start(prompt_ids, params, stop_ids)
+        stream = GenerationStream(params.n, abort=lambda: None)  # the step observer sees `cancelled` and ends rows
+        self._jobs.put(GenerateJob(prompt_ids, params, stream))
+        return stream
 
-    def prompt_logprobs(self, prompts: list[str]) -> list[list[float]]:
-        return self._submit(Job(prompts, None))
-
-    def _submit(self, job: Job):
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+        job = ScoreJob(prompts, top)
         self._jobs.put(job)
         return job.result.result()
 
@@ -145,106 +233,103 @@ class TransformersEngine(Engine):
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            by_key: dict = {}
-            for job in jobs:
-                by_key.setdefault(job.batch_key, []).append(job)
-            for key, group in by_key.items():
-                if key == SCORING:
-                    self._settle(group, self._score_prompts)
-                elif key.seed is not None:  # seeded requests never share a batch: that keeps them reproducible
-                    for job in group:
-                        self._settle([job], lambda prompts, params=key: self._generate(prompts, params))
-                else:
-                    self._settle(group, lambda prompts, params=key: self._generate(prompts, params))
-
-    def _settle(self, jobs: list[Job], run) -> None:
-        """Run the jobs' prompts together and hand each job its share of the answers (or the error)."""
-        try:
             with self.continuous.paused() if self.continuous else contextlib.nullcontext():
-                answers = run([prompt for job in jobs for prompt in job.prompts])
-        except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
-            log.exception("batch of %d requests failed", len(jobs))
-            for job in jobs:
-                job.result.set_exception(error)
-            return
-        offset = 0
-        for job in jobs:
-            job.result.set_result(answers[offset : offset + len(job.prompts)])
-            offset += len(job.prompts)
+                for job in (job for job in jobs if isinstance(job, ScoreJob)):
+                    self._score(job)
+                groups: dict[SamplingParams, list[GenerateJob]] = {}
+                for job in (job for job in jobs if isinstance(job, GenerateJob)):
+                    if job.params.seed is not None:  # never batched with others: that keeps it reproducible
+                        self._generate_group([job])
+                    else:
+                        groups.setdefault(job.params, []).append(job)
+                for group in groups.values():
+                    self._generate_group(group)
 
-    @torch.inference_mode()
-    def _generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+    def _generate_group(self, jobs: list[GenerateJob]) -> None:
+        params = jobs[0].params
+        rows = [_Row(job, choice) for job in jobs for choice in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        per_batch = max(1, self.max_batch_size // params.n)
-        texts: list[list[str]] = []
-        for start in range(0, len(prompts), per_batch):
-            texts.extend(self._generate_batch(prompts[start : start + per_batch], params))
-        return texts
-
-    def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        prompt_width = inputs["input_ids"].shape[1]
-        stop_ids = self._stop_ids(params)
-        extra = {}
-        if params.presence_penalty or params.frequency_penalty:
-            extra["logits_processor"] = LogitsProcessorList(
-                [PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_width)]
-            )
-        if params.stop:
-            extra.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        output = self.model.generate(
-            **inputs, generation_config=self._generation_config(params, stop_ids), **extra
-        )
-        rows = [self._decode(row[prompt_width:], stop_ids, params) for row in output.tolist()]
-        return [rows[i : i + params.n] for i in range(0, len(rows), params.n)]
-
-    def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
-        return (() if params.ignore_eos else self.eos_token_ids) + (params.stop_token_ids or ())
-
-    def _generation_config(self, params: SamplingParams, stop_ids: tuple[int, ...]) -> GenerationConfig:
-        # Built from scratch so a checkpoint's own sampling defaults never leak into a request.
-        config = GenerationConfig(
-            max_new_tokens=params.max_tokens,
-            num_return_sequences=params.n,
-            eos_token_id=list(stop_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.model.generation_config.bos_token_id,
-            repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-            do_sample=not params.is_greedy,
-        )
-        if not params.is_greedy:
-            config.temperature = params.temperature
-            config.top_p = params.top_p
-            config.top_k = params.top_k if params.top_k > 0 else 0
-            config.min_p = params.min_p or None
-        else:
-            config.temperature, config.top_p, config.top_k = None, None, None
-        return config
-
-    def _decode(self, tokens: list[int], stop_ids: tuple[int, ...], params: SamplingParams) -> str:
-        # A finished row is padded after its stop token; the answer ends before that token, as in vLLM.
-        end = next((i for i, token in enumerate(tokens) if token in stop_ids), len(tokens))
-        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=params.skip_special_tokens)
-        return truncate_at_stop(text, params.stop)
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            try:
+                self._generate_rows(chunk, params)
+            except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
+                log.exception("batch of %d sequences failed", len(chunk))
+                for row in chunk:
+                    row.job.stream.fail(error)
 
     @torch.inference_mode()
-    def _score_prompts(self, prompts: list[str]) -> list[list[float]]:
-        encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
-        scores: list[list[float]] = []
-        for chunk in _chunks_within(encoded, SCORING_TOKEN_BUDGET):
-            scores.extend(self._score_batch(chunk))
-        return scores
+    def _generate_rows(self, rows: list[_Row], params: SamplingParams) -> None:
+        rows = [row for row in rows if not row.job.stream.cancelled]
+        if not rows:
+            return
+        inputs = self.tokenizer.pad({"input_ids": [row.job.prompt_ids for row in rows]}, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        prompt_width = inputs["input_ids"].shape[1]
+        stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
+        observer = _StepObserver(rows, prompt_width, params, stop_ids)
+        self.model.generate(
+            **inputs,
+            generation_config=GenerationConfig(
+                max_new_tokens=params.max_tokens,
+                do_sample=not params.is_greedy,
+                # Neutral values: the transforms below are this module's own processors, in vLLM's order.
+                temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                eos_token_id=None,  # the observer ends rows; generate() stops once every row has ended
+                pad_token_id=self.tokenizer.pad_token_id,
+            ),
+            logits_processor=self._sampling_processors(params, prompt_width, observer),
+            stopping_criteria=StoppingCriteriaList([observer]),
+        )
 
-    def _score_batch(self, encoded: list[list[int]]) -> list[list[float]]:
+    @staticmethod
+    def _sampling_processors(params: SamplingParams, prompt_width: int, observer) -> LogitsProcessorList:
+        processors: list = [_RawLogprobs(observer)] if params.logprobs is not None else []
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_width))
+        if not params.is_greedy:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            if params.min_p > 0.0:
+                processors.append(MinPLogitsWarper(params.min_p))
+        return LogitsProcessorList(processors)
+
+    def _score(self, job: ScoreJob) -> None:
+        try:
+            scores: list[list[TokenLogprob]] = []
+            for chunk in _chunks_within(job.prompts, SCORING_TOKEN_BUDGET):
+                scores.extend(self._score_batch(chunk, job.top))
+            job.result.set_result(scores)
+        except Exception as error:  # noqa: BLE001 - the error goes to the waiting request, the loop goes on
+            log.exception("scoring %d prompts failed", len(job.prompts))
+            job.result.set_exception(error)
+
+    @torch.inference_mode()
+    def _score_batch(self, encoded: list[list[int]], top: int) -> list[list[TokenLogprob]]:
         # Right padding: a causal model's logits for the real tokens do not depend on padding after them.
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=self.device)
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return [logprobs[row, : len(ids) - 1].tolist() for row, ids in enumerate(encoded)]
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        chosen = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1).tolist()
+        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)
+        results = []
+        for row, ids in enumerate(encoded):
+            results.append([
+                TokenLogprob(ids[i + 1], chosen[row][i],
+                             tuple(zip(top_ids[row, i].tolist(), top_values[row, i].tolist())) if top else ())
+                for i in range(len(ids) - 1)
+            ])
+        return results
 
 
 def _chunks_within(encoded: list[list[int]], token_budget: int):
@@ -257,17 +342,6 @@ def _chunks_within(encoded: list[list[int]], token_budget: int):
         chunk.append(ids)
     if chunk:
         yield chunk
-
-
-def _torch_dtype(name: str):
-    return name if name == "auto" else getattr(torch, name)
-
-
-def _device_map(per_proc_gpus: int):
-    if not torch.cuda.is_available():
-        return None
-    # Over several GPUs of the slice, accelerate places the layers; on one, everything goes to the slice's GPU.
-    return "auto" if per_proc_gpus > 1 else {"": 0}
 
 
 def build_engine() -> TransformersEngine:

@@ -1,9 +1,10 @@
 """The vLLM engine, and the WSGI app gunicorn serves with `--infer_type vllm`.
 
 One vLLM engine per worker, built after the worker's slice is pinned, with `tensor_parallel_size` = the slice's
-GPUs. A background thread owns the engine: it admits requests that handler threads queue, steps the engine, and
-settles each request's future when it finishes. All of a worker's concurrent requests therefore share vLLM's
-continuous batching; nothing holds a lock around a blocking generate, and requests are never served one at a time.
+GPUs. A background thread owns the engine: it admits and aborts the requests that handler threads queue, steps
+the engine, and publishes each request's new tokens to its stream. All of a worker's concurrent requests therefore
+share vLLM's continuous batching; nothing holds a lock around a blocking generate, and requests are never served
+one at a time. Text and stop strings are handled above the engine (generation.py), as for the transformers engine.
 
 The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in a process of its
 own: when gunicorn kills or recycles a worker, its engine goes with it, and no engine process is left behind. With
@@ -22,7 +23,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine import Engine
+from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
@@ -33,11 +34,12 @@ log = logging.getLogger("gunicorn.error")
 
 @dataclass
 class Submission:
-    """One vLLM request: a prompt with its sampling parameters, and the future its handler thread waits on."""
+    """One vLLM request: a tokenized prompt with its sampling parameters, and where its outputs go."""
 
-    prompt: str
+    prompt_ids: list[int]
     sampling: object  # vllm.SamplingParams, imported with vLLM in the worker
-    result: Future = field(default_factory=Future)
+    stream: GenerationStream | None = None  # generation: updates as they come
+    result: Future | None = None  # prompt scoring: the final output
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -65,7 +67,12 @@ class VLLMEngine(Engine):
             )
         )
         self.tokenizer = self.engine.get_tokenizer()
-        self._incoming: queue.Queue[Submission] = queue.Queue()
+        eos = self.engine.model_config.hf_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(i for i in eos_ids if i is not None))
+        self.max_model_len = self.engine.model_config.max_model_len
+        self._incoming: queue.Queue = queue.Queue()
         self._running: dict[str, Submission] = {}
         threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
 
@@ -74,30 +81,31 @@ class VLLMEngine(Engine):
         return {"model": self.model_name, "engine": "vllm", "dtype": str(config.dtype).removeprefix("torch."),
                 "max_model_len": config.max_model_len}
 
-    # -- the interface the HTTP layer calls (from many threads) ----------------------------------------------
+    # -- the interface the layers above call (from many threads) ---------------------------------------------
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
-        sampling = self._sampling_params(params)
-        outputs = self._run([Submission(prompt, sampling) for prompt in prompts])
-        return [[choice.text for choice in sorted(output.outputs, key=lambda c: c.index)] for output in outputs]
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        submission = Submission(prompt_ids, self._sampling_params(params))
+        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
+        self._incoming.put(("add", submission))
+        return submission.stream
 
-    def prompt_logprobs(self, prompts: list[str]) -> list[list[float]]:
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # prompt_logprobs=0: the log-probability of each actual prompt token, nothing more; one token is generated
-        # because vLLM always samples at least one.
-        sampling = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
-        outputs = self._run([Submission(prompt, sampling) for prompt in prompts])
+        # prompt_logprobs=top: each prompt token's log-probability and the `top` likeliest alternatives; one token
+        # is generated because vLLM always samples at least one.
+        sampling = VLLMSamplingParams(
+            max_tokens=1, prompt_logprobs=top, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        submissions = [Submission(ids, sampling, result=Future()) for ids in prompts]
+        for submission in submissions:
+            self._incoming.put(("add", submission))
+        outputs = [submission.result.result() for submission in submissions]
         return [
-            [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+            [_token_logprob(token, entry, top) for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
             for out in outputs
         ]
-
-    def _run(self, submissions: list[Submission]) -> list:
-        for submission in submissions:
-            self._incoming.put(submission)
-        return [submission.result.result() for submission in submissions]
 
     def _sampling_params(self, params: SamplingParams):
         from vllm import SamplingParams as VLLMSamplingParams
@@ -113,12 +121,13 @@ class VLLMEngine(Engine):
             top_k=params.top_k if params.top_k > 0 else 0,
             min_p=params.min_p,
             seed=params.seed,
-            stop=list(params.stop) if params.stop else None,
             stop_token_ids=list(params.stop_token_ids) if params.stop_token_ids else None,
             ignore_eos=params.ignore_eos,
             max_tokens=params.max_tokens,
-            skip_special_tokens=params.skip_special_tokens,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            logprobs=params.logprobs,
+            # Text and stop strings are found above the engine, for both engines alike (generation.py).
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
         )
 
     # -- the engine thread -----------------------------------------------------------------------------------
@@ -126,29 +135,54 @@ class VLLMEngine(Engine):
     def _drive(self) -> None:
         while True:
             # Block while idle; once requests run, only take what is already waiting between steps.
-            self._admit(block=not self.engine.has_unfinished_requests())
+            self._take_commands(block=not self.engine.has_unfinished_requests())
             try:
-                finished = [output for output in self.engine.step() if output.finished]
+                outputs = self.engine.step()
             except Exception as error:  # noqa: BLE001 - every waiting request learns why, the worker keeps serving
                 log.exception("vLLM engine step failed")
                 self._fail_running(error)
                 continue
-            for output in finished:
-                submission = self._running.pop(output.request_id, None)
-                if submission is not None:
-                    submission.result.set_result(output)
+            for output in outputs:
+                self._deliver(output)
 
-    def _admit(self, block: bool) -> None:
+    def _deliver(self, output) -> None:
+        submission = self._running.get(output.request_id)
+        if submission is None:
+            return
+        if output.finished:
+            del self._running[output.request_id]
+        if submission.result is not None:
+            if output.finished:
+                submission.result.set_result(output)
+            return
+        for completion in output.outputs:
+            reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else None
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = [
+                    _token_logprob(token, entry, submission.sampling.logprobs)
+                    for token, entry in zip(completion.token_ids, completion.logprobs)
+                ]
+            if completion.token_ids or reason:
+                submission.stream.publish(ChoiceUpdate(completion.index, list(completion.token_ids), logprobs, reason))
+
+    def _take_commands(self, block: bool) -> None:
         while True:
             try:
-                submission = self._incoming.get(block=block)
+                command, submission = self._incoming.get(block=block)
             except queue.Empty:
                 return
             block = False
+            if command == "abort":
+                if self._running.pop(submission.request_id, None) is not None:
+                    self.engine.abort_request([submission.request_id])
+                continue
             try:
-                self.engine.add_request(submission.request_id, submission.prompt, submission.sampling)
+                self.engine.add_request(
+                    submission.request_id, {"prompt_token_ids": submission.prompt_ids}, submission.sampling
+                )
             except Exception as error:  # noqa: BLE001 - e.g. a prompt longer than the context: that request fails
-                submission.result.set_exception(error)
+                _fail(submission, error)
                 continue
             self._running[submission.request_id] = submission
 
@@ -156,7 +190,21 @@ class VLLMEngine(Engine):
         running, self._running = self._running, {}
         self.engine.abort_request(list(running))
         for submission in running.values():
-            submission.result.set_exception(error)
+            _fail(submission, error)
+
+
+def _fail(submission: Submission, error: BaseException) -> None:
+    if submission.result is not None:
+        submission.result.set_exception(error)
+    else:
+        submission.stream.fail(error)
+
+
+def _token_logprob(token: int, entry: dict, top: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} for one position (the chosen token plus the likeliest ones) as a TokenLogprob."""
+    ranked = sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top),
+                    key=lambda pair: -pair[1])
+    return TokenLogprob(token, entry[token].logprob, tuple(ranked[:top]))
 
 
 def build_engine() -> VLLMEngine:

@@ -1,0 +1,110 @@
+"""From engine tokens to text, once for every route: incremental decoding, stop strings, and collected answers.
+
+Each route tokenizes its prompt, starts a `TextGeneration`, and either iterates its text deltas (streaming) or
+collects them. Stop strings are found here, in the decoded text, for both engines alike: the answer ends before
+the stop string and the engine is told to stop. Closing a generation before it finished (a client that left)
+cancels it in the engine, so the capacity comes back at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from engine import ChoiceUpdate, Engine, TokenLogprob
+from request_schema import SamplingParams
+
+
+@dataclass
+class TextDelta:
+    """New text of one choice, with the tokens behind it."""
+
+    choice: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class _ChoiceText:
+    """Decodes one choice's growing token list into text, and holds back what might still become a stop string."""
+
+    def __init__(self, tokenizer, params: SamplingParams, stop_token_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.stop_token_ids = stop_token_ids
+        self.token_ids: list[int] = []
+        self.sent = 0  # characters of the text already handed out
+        self.hold = max((len(s) for s in params.stop or ()), default=1) - 1
+
+    def advance(self, update: ChoiceUpdate) -> tuple[str, str | None]:
+        """The text that can be released now, and the finish reason (which a stop string may set)."""
+        self.token_ids.extend(update.token_ids)
+        ids = self.token_ids
+        if update.finish_reason == "stop" and ids and ids[-1] in self.stop_token_ids:
+            ids = ids[:-1]  # the stop token itself is not part of the answer
+        text = self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+        finish = update.finish_reason
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.params.stop or ()) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        elif finish is None:
+            # Hold back an incomplete character and anything that may be the start of a stop string.
+            end = len(text) - (1 if text.endswith("\ufffd") else 0) - self.hold
+            text = text[: max(end, self.sent)]
+        delta, self.sent = text[self.sent :], len(text)
+        return delta, finish
+
+
+class TextGeneration:
+    """One prompt's generation as text. Starting it submits it to the engine; iterate for deltas or `collect()`."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+        self.params = params
+        self.prompt_ids = prompt_ids
+        stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(engine.eos_token_ids))
+        self._choices = [_ChoiceText(engine.tokenizer, params, stop_ids) for _ in range(params.n)]
+        self._stream = engine.start(prompt_ids, params)
+        self._open = params.n
+
+    def __iter__(self) -> Iterator[TextDelta]:
+        try:
+            for update in self._stream:
+                state = self._choices[update.choice]
+                if state is None:
+                    continue  # a stop string already ended this choice
+                text, finish = state.advance(update)
+                if finish is not None:
+                    self._choices[update.choice] = None
+                    self._open -= 1
+                yield TextDelta(update.choice, text, update.token_ids, update.logprobs, finish)
+                if self._open == 0:
+                    break
+        finally:
+            self.cancel()  # closed early, or ended by stop strings: the engine stops this generation
+
+    def cancel(self) -> None:
+        """Stop the generation in the engine unless it already finished."""
+        if self._open:
+            self._open = 0
+            self._stream.cancel()
+
+    def collect(self) -> list[ChoiceResult]:
+        results = [ChoiceResult() for _ in range(self.params.n)]
+        for delta in self:
+            result = results[delta.choice]
+            result.text += delta.text
+            result.token_ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                result.logprobs = (result.logprobs or []) + delta.logprobs
+            result.finish_reason = delta.finish_reason or result.finish_reason
+        return results
