@@ -101,6 +101,10 @@ class Engine(ABC):
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
         """For each prompt, the log-probability of every token after the first given the tokens before it."""
 
+    @abstractmethod
+    def running(self) -> int:
+        """Sequences the engine is generating now (each choice counts): the capacity in use."""
+
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}

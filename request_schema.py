@@ -14,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class RequestError(ValueError):
-    """The request is malformed; `param` names the offending field (dotted path) when there is one."""
+    """The request cannot be served as sent; `param` names the offending field (dotted path) when there is one."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 error_type: str = "invalid_request_error"):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
+        self.error_type = error_type
 
 
 class SamplingParams(BaseModel):

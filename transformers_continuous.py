@@ -91,6 +91,9 @@ class ContinuousBatching:
                 raise RuntimeError("the continuous batching manager is not accepting requests")
         return stream
 
+    def running(self) -> int:
+        return len(self._sequences)
+
     def _sampling_kwargs(self, params: SamplingParams) -> dict:
         if params.is_greedy:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}

@@ -106,6 +106,7 @@ class _StepObserver(StoppingCriteria):
         self.params = params
         self.stop_ids = stop_ids
         self.step_logprobs: torch.Tensor | None = None
+        self.live_rows = len(rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return self._observe(input_ids)
@@ -125,6 +126,7 @@ class _StepObserver(StoppingCriteria):
                     entry = [logprobs[index]] if logprobs is not None else None
                     row.job.stream.publish(ChoiceUpdate(row.choice, [token], entry, reason))
             done.append(row.done)
+        self.live_rows = done.count(False)
         return torch.tensor(done, device=input_ids.device)
 
     def _logprobs(self, tokens: list[int]) -> list[TokenLogprob]:
@@ -179,6 +181,7 @@ class TransformersEngine(Engine):
         self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.continuous = self._continuous_batching(settings)
         self._jobs: queue.Queue = queue.Queue()
+        self._observer: _StepObserver | None = None  # the batched generate running now, if any
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
 
     def _continuous_batching(self, settings: ServerSettings) -> ContinuousBatching | None:
@@ -194,6 +197,10 @@ class TransformersEngine(Engine):
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
         return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share)
 
+    def running(self) -> int:
+        observer = self._observer
+        return (observer.live_rows if observer else 0) + (self.continuous.running() if self.continuous else 0)
+
     def describe(self) -> dict:
         placed_on = sorted({str(device) for device in getattr(self.model, "hf_device_map", {}).values()})
         return {
@@ -206,6 +213,7 @@ class TransformersEngine(Engine):
             "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "layers_on": placed_on or [str(self.device)],
             "batching": "continuous" if self.continuous else "generate",
+            "running": self.running(),
         }
 
     # -- the interface the layers above call (from many threads) ---------------------------------------------
@@ -268,7 +276,7 @@ class TransformersEngine(Engine):
         inputs = inputs.to(self.device)
         prompt_width = inputs["input_ids"].shape[1]
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
-        observer = _StepObserver(rows, prompt_width, params, stop_ids)
+        observer = self._observer = _StepObserver(rows, prompt_width, params, stop_ids)
         self.model.generate(
             **inputs,
             generation_config=GenerationConfig(
@@ -282,6 +290,7 @@ class TransformersEngine(Engine):
             logits_processor=self._sampling_processors(params, prompt_width, observer),
             stopping_criteria=StoppingCriteriaList([observer]),
         )
+        self._observer = None
 
     @staticmethod
     def _sampling_processors(params: SamplingParams, prompt_width: int, observer) -> LogitsProcessorList:

@@ -76,10 +76,13 @@ class VLLMEngine(Engine):
         self._running: dict[str, Submission] = {}
         threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
 
+    def running(self) -> int:
+        return sum(submission.sampling.n for submission in list(self._running.values()))
+
     def describe(self) -> dict:
         config = self.engine.model_config
         return {"model": self.model_name, "engine": "vllm", "dtype": str(config.dtype).removeprefix("torch."),
-                "max_model_len": config.max_model_len}
+                "max_model_len": config.max_model_len, "running": self.running()}
 
     # -- the interface the layers above call (from many threads) ---------------------------------------------
 

@@ -111,7 +111,7 @@ def test_malformed_json_is_a_400(server):
 def test_unknown_params_keys_are_ignored_with_a_warning(server):
     answer = server.infer(["Hi"], max_tokens=2, best_of=3, use_beam_search=False)
     assert isinstance(answer[0], str)
-    assert "ignoring unknown params key 'best_of'" in server.log()
+    assert "ignoring unknown key 'best_of'" in server.log()
 
 
 def test_killed_worker_is_replaced_on_its_slice_and_the_other_keeps_its_own(server):

@@ -1,0 +1,56 @@
+"""What every route shares: the worker's engine, the JSON body, prompt encoding, and the one error shape.
+
+Routes live in native_api.py (/infer, /generate) and openai_api.py (/v1); the app that holds them in serving.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Response, current_app, jsonify, request
+
+from engine import Engine
+from request_schema import RequestError, SamplingParams
+
+ENGINE_KEY = "llm_engine_slot"
+
+
+class EngineLoading(Exception):
+    """The worker's model is not loaded yet."""
+
+
+def current_engine() -> Engine:
+    """This worker's engine, waiting for it while it loads (up to the app's configured wait)."""
+    engine = current_app.extensions[ENGINE_KEY].wait(current_app.config["ENGINE_LOAD_WAIT_S"])
+    if engine is None:
+        raise EngineLoading()
+    return engine
+
+
+def read_json_body():
+    try:
+        return json.loads(request.get_data() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise RequestError(f"malformed JSON body: {error}") from None
+
+
+def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    """The prompt's token ids (a list of ids is taken as is), refused when it and `max_tokens` exceed the context."""
+    ids = list(prompt) if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise RequestError("the prompt is empty", "prompt")
+    vocab = len(engine.tokenizer)
+    if any(not 0 <= token < vocab for token in ids):
+        raise RequestError(f"prompt token ids must be between 0 and {vocab - 1}", "prompt")
+    if len(ids) + (0 if params.scores_prompt else params.max_tokens) > engine.max_model_len:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: together more than "
+            f"the model's context of {engine.max_model_len} tokens",
+            "max_tokens",
+        )
+    return ids
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None) -> tuple[Response, int]:
+    """Every error this server sends, in OpenAI's shape."""
+    return jsonify({"error": {"message": message, "type": error_type, "param": param, "code": status}}), status

@@ -1,0 +1,95 @@
+"""The server's own routes: `/infer` (the evaluation toolkit's contract) and `/generate` (grps-vllm's).
+
+`/infer` takes `{"instances": [...], "params": {...}}` and answers a bare JSON list, or with `"stream": true` one
+JSON line per text delta. `/generate` takes `{"prompt", "temperature", "top_p", "max_tokens", ...}` and answers
+the generated text, streamed as it is produced with `?streaming=true` or `"stream": true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
+
+from generation import TextGeneration
+from http_common import current_engine, encode_prompt, read_json_body
+from request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
+
+log = logging.getLogger("gunicorn.error")
+
+native = Blueprint("native", __name__)
+_warned_keys: set[str] = set()
+
+
+@native.post("/infer")
+def infer():
+    infer_request, ignored = parse_infer_request(read_json_body())
+    _warn_ignored("/infer", ignored)
+    engine = current_engine()
+    params = infer_request.params
+    prompts = [encode_prompt(engine, text, params) for text in infer_request.instances]
+    if params.scores_prompt:
+        return jsonify([[token.logprob for token in row] for row in engine.prompt_logprobs(prompts)])
+    # All instances start before any is read: the engine batches them together.
+    generations = [TextGeneration(engine, ids, params) for ids in prompts]
+    if infer_request.stream:
+        return Response(_infer_lines(generations), mimetype="application/x-ndjson")
+    answers = [[choice.text for choice in generation.collect()] for generation in generations]
+    return jsonify([choices[0] if params.n == 1 else choices for choices in answers])
+
+
+def _infer_lines(generations: list[TextGeneration]):
+    """The streaming /infer answer: one JSON object per line and text delta, instance by instance."""
+    try:
+        for instance, generation in enumerate(generations):
+            for delta in generation:
+                if delta.text or delta.finish_reason:
+                    line = {"instance": instance, "choice": delta.choice, "text": delta.text,
+                            "finish_reason": delta.finish_reason}
+                    yield json.dumps(line) + "\n"
+    finally:  # the client left: nothing it asked for keeps running
+        for generation in generations:
+            generation.cancel()
+
+
+@native.post("/generate")
+def generate():
+    body = read_json_body()
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with 'prompt'")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt: a non-empty string is required", "prompt")
+    stream = body.get("stream", False) is True or request.args.get("streaming", "").lower() in ("1", "true", "yes")
+    fields = {key: value for key, value in body.items() if key not in ("prompt", "stream")}
+    _warn_ignored("/generate", sorted(set(fields) - set(SamplingParams.model_fields)))
+    try:
+        params = SamplingParams.model_validate(
+            {key: value for key, value in fields.items() if key in SamplingParams.model_fields}
+        )
+    except ValidationError as error:
+        raise as_request_error(error) from None
+    if params.n != 1 or params.scores_prompt:
+        raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
+    engine = current_engine()
+    generation = TextGeneration(engine, encode_prompt(engine, prompt, params), params)
+    if stream:
+        return Response(_text_chunks(generation), mimetype="text/plain")
+    return Response(generation.collect()[0].text, mimetype="text/plain")
+
+
+def _text_chunks(generation: TextGeneration):
+    try:
+        for delta in generation:
+            if delta.text:
+                yield delta.text
+    finally:  # the client left: its generation stops
+        generation.cancel()
+
+
+def _warn_ignored(route: str, keys: list[str]) -> None:
+    for key in set(keys) - _warned_keys:
+        log.warning("%s: ignoring unknown key %r (warned once per worker)", route, key)
+        _warned_keys.add(key)

@@ -1,0 +1,350 @@
+"""OpenAI-compatible routes: `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming or whole.
+
+Requests are validated with pydantic into the same `SamplingParams` every route uses, and generated through the
+same `TextGeneration` (generation.py), so answers, stop strings and cancellation behave as on `/infer`. With
+`stream: true` the answer is server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
+`stream_options.include_usage` adds a usage chunk. A client that disconnects mid-stream cancels its generation.
+Keys the server does not know are ignored with a warning, as vLLM's server does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Iterator, Literal
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine import Engine, TokenLogprob
+from generation import TextGeneration
+from http_common import current_engine, encode_prompt, read_json_body
+from request_schema import RequestError, SamplingParams, as_request_error
+
+log = logging.getLogger("gunicorn.error")
+
+openai_api = Blueprint("openai", __name__, url_prefix="/v1")
+_warned_keys: set[str] = set()
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields both OpenAI requests share; unset ones take SamplingParams' defaults."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    user: str | None = None  # accepted, unused
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("at least one prompt is required")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _parse(model: type[BaseModel], route: str):
+    body = read_json_body()
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as error:
+        raise as_request_error(error) from None
+    for key in set(parsed.model_extra or ()) - _warned_keys:
+        log.warning("%s: ignoring unknown key %r (warned once per worker)", route, key)
+        _warned_keys.add(key)
+    return parsed
+
+
+def _check_model(engine: Engine, requested: str | None) -> None:
+    if requested is not None and requested != engine.model_name:
+        raise RequestError(
+            f"The model `{requested}` does not exist; this server serves `{engine.model_name}`.",
+            "model", status=404, error_type="not_found_error",
+        )
+
+
+def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    fields = {
+        key: getattr(request, key)
+        for key in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
+                    "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+        if getattr(request, key) is not None
+    }
+    try:
+        return SamplingParams.model_validate({**fields, "max_tokens": max_tokens, "logprobs": logprobs})
+    except ValidationError as error:
+        raise as_request_error(error) from None
+
+
+@openai_api.get("/models")
+def models():
+    engine = current_engine()
+    return jsonify({"object": "list", "data": [
+        {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "gunicorn-llm",
+         "max_model_len": engine.max_model_len}
+    ]})
+
+
+# -- /v1/completions ---------------------------------------------------------------------------------------------
+
+
+@openai_api.post("/completions")
+def completions():
+    request = _parse(CompletionRequest, "/v1/completions")
+    engine = current_engine()
+    _check_model(engine, request.model)
+    params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
+    prompts = [encode_prompt(engine, prompt, params) for prompt in request.prompts()]
+    echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
+    generations = [TextGeneration(engine, ids, params) for ids in prompts]
+    answer = _Answer("cmpl", "text_completion", engine, params)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        events = _completion_events(answer, prompts, generations, echoed, include_usage)
+        return _event_stream(events, generations)
+    choices = []
+    for prompt_index, generation in enumerate(generations):
+        for choice, result in enumerate(generation.collect()):
+            text, logprobs = result.text, None
+            if params.logprobs is not None:
+                logprobs = _completion_logprobs(engine, result.logprobs or [], 0)
+            if echoed:
+                prompt_text, prompt_logprobs = echoed[prompt_index]
+                text = prompt_text + text
+                if logprobs is not None:
+                    logprobs = _join_logprobs(
+                        prompt_logprobs, _completion_logprobs(engine, result.logprobs or [], len(prompt_text))
+                    )
+            choices.append({"index": prompt_index * params.n + choice, "text": text, "logprobs": logprobs,
+                            "finish_reason": result.finish_reason})
+            answer.completion_tokens += len(result.token_ids)
+    answer.prompt_tokens = sum(len(ids) for ids in prompts)
+    return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
+
+
+def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, dict | None]:
+    """The prompt's text, and with logprobs its tokens' log-probabilities (the first token has none)."""
+    text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=params.skip_special_tokens)
+    if params.logprobs is None:
+        return text, None
+    scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs)[0]
+    first = engine.tokenizer.decode(prompt_ids[:1])
+    logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
+    return text, logprobs
+
+
+def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):
+    """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts."""
+    pieces = [engine.tokenizer.decode([token.token_id]) for token in tokens]
+    result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
+        result["tokens"].append(first_token)
+        result["token_logprobs"].append(None)
+        result["top_logprobs"].append(None)
+        result["text_offset"].append(offset)
+        offset += len(first_token)
+    for token, piece in zip(tokens, pieces):
+        result["tokens"].append(piece)
+        result["token_logprobs"].append(token.logprob)
+        result["top_logprobs"].append({engine.tokenizer.decode([t]): lp for t, lp in token.top})
+        result["text_offset"].append(offset)
+        offset += len(piece)
+    return result
+
+
+def _join_logprobs(first: dict | None, second: dict) -> dict:
+    if first is None:
+        return second
+    return {key: first[key] + second[key] for key in first}
+
+
+def _completion_events(answer, prompts, generations, echoed, include_usage) -> Iterator[dict]:
+    engine, params = answer.engine, answer.params
+    answer.prompt_tokens = sum(len(ids) for ids in prompts)
+    for prompt_index, generation in enumerate(generations):
+        if echoed:
+            prompt_text, prompt_logprobs = echoed[prompt_index]
+            for choice in range(params.n):
+                yield answer.chunk([{"index": prompt_index * params.n + choice, "text": prompt_text,
+                                     "logprobs": prompt_logprobs, "finish_reason": None}])
+        sent = {choice: len(echoed[prompt_index][0]) if echoed else 0 for choice in range(params.n)}
+        for delta in generation:
+            answer.completion_tokens += len(delta.token_ids)
+            if not (delta.text or delta.finish_reason or delta.logprobs):
+                continue
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = _completion_logprobs(engine, delta.logprobs or [], sent[delta.choice])
+            sent[delta.choice] += len(delta.text)
+            yield answer.chunk([{"index": prompt_index * params.n + delta.choice, "text": delta.text,
+                                 "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+    if include_usage:
+        yield answer.chunk([], usage=answer.usage())
+
+
+# -- /v1/chat/completions ----------------------------------------------------------------------------------------
+
+
+@openai_api.post("/chat/completions")
+def chat_completions():
+    request = _parse(ChatCompletionRequest, "/v1/chat/completions")
+    engine = current_engine()
+    _check_model(engine, request.model)
+    prompt = _chat_prompt(engine, request.messages)
+    limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    # Without a limit, the answer may fill what the context leaves after the prompt.
+    params = _sampling_params(request, limit if limit is not None else max(1, engine.max_model_len - len(prompt)),
+                              logprobs)
+    prompt_ids = encode_prompt(engine, prompt, params)
+    generation = TextGeneration(engine, prompt_ids, params)
+    answer = _Answer("chatcmpl", "chat.completion", engine, params)
+    answer.prompt_tokens = len(prompt_ids)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return _event_stream(_chat_events(answer, generation, include_usage), [generation])
+    choices = []
+    for choice, result in enumerate(generation.collect()):
+        answer.completion_tokens += len(result.token_ids)
+        choices.append({
+            "index": choice,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": _chat_logprobs(engine, result.logprobs or []) if logprobs is not None else None,
+            "finish_reason": result.finish_reason,
+        })
+    return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
+
+
+def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+    conversation = [{"role": message.role, "content": message.text()} for message in messages]
+    try:
+        text = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 - a template that refuses this conversation is the client's problem
+        raise RequestError(f"the model's chat template rejected the messages: {error}", "messages") from None
+    # The template already wrote any special tokens it wants.
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        piece = engine.tokenizer.decode([token_id])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {"content": [
+        {**entry(token.token_id, token.logprob), "top_logprobs": [entry(t, lp) for t, lp in token.top]}
+        for token in tokens
+    ]}
+
+
+def _chat_events(answer, generation: TextGeneration, include_usage: bool) -> Iterator[dict]:
+    params = answer.params
+    for choice in range(params.n):
+        yield answer.chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+    for delta in generation:
+        answer.completion_tokens += len(delta.token_ids)
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            continue
+        logprobs = _chat_logprobs(answer.engine, delta.logprobs or []) if params.logprobs is not None else None
+        yield answer.chunk([{"index": delta.choice, "delta": {"content": delta.text} if delta.text else {},
+                             "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+    if include_usage:
+        yield answer.chunk([], usage=answer.usage())
+
+
+# -- shared ------------------------------------------------------------------------------------------------------
+
+
+class _Answer:
+    """The id, timestamps and token counts one response carries in every chunk."""
+
+    def __init__(self, prefix: str, kind: str, engine: Engine, params: SamplingParams):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.kind = kind
+        self.created = int(time.time())
+        self.engine = engine
+        self.params = params
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def head(self) -> dict:
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.engine.model_name}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
+        return {**self.head(), "object": kind, "choices": choices, "usage": usage}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> Response:
+    def sse():
+        try:
+            for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client left (or the stream ended): nothing it asked for keeps running
+            for generation in generations:
+                generation.cancel()
+
+    # X-Accel-Buffering: a proxy in front (nginx) passes the events on as they come.
+    return Response(sse(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
