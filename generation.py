@@ -74,11 +74,14 @@ class TextGeneration:
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(engine.eos_token_ids))
         self._choices = [_ChoiceText(engine.tokenizer, params, stop_ids) for _ in range(params.n)]
         self._stream = engine.start(prompt_ids, params)
-        self._open = params.n
+        self._open = params.n  # choices still producing text
+        self._engine_open = params.n  # choices the engine has not finished (a stop string ends text first)
 
     def __iter__(self) -> Iterator[TextDelta]:
         try:
             for update in self._stream:
+                if update.finish_reason is not None:
+                    self._engine_open -= 1
                 state = self._choices[update.choice]
                 if state is None:
                     continue  # a stop string already ended this choice
@@ -94,8 +97,9 @@ class TextGeneration:
 
     def cancel(self) -> None:
         """Stop the generation in the engine unless it already finished."""
-        if self._open:
-            self._open = 0
+        self._open = 0
+        if self._engine_open:
+            self._engine_open = 0
             self._stream.cancel()
 
     def collect(self) -> list[ChoiceResult]:

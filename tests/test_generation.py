@@ -1,0 +1,105 @@
+"""generation.py: engine tokens to text for every route, with a scripted engine and the embedded model's tokenizer.
+
+The engines themselves are exercised end to end elsewhere; here the token streams are chosen to pin the text
+rules: stop strings split across tokens, the stop token left out, held-back text, and cancellation.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine import ChoiceUpdate, Engine, GenerationStream
+from generation import TextGeneration
+from request_schema import SamplingParams
+
+
+class ScriptedEngine(Engine):
+    """Publishes fixed token lists, one token per update, as soon as a generation starts."""
+
+    model_name = "scripted"
+    max_model_len = 1024
+
+    def __init__(self, tokenizer, script: list[list[int]], finish: str = "length"):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = (tokenizer.eos_token_id,)
+        self.script = script
+        self.finish = finish
+        self.aborted = 0
+
+    def start(self, prompt_ids, params):
+        stream = GenerationStream(params.n, abort=self._abort)
+        for choice, tokens in enumerate(self.script):
+            for position, token in enumerate(tokens):
+                last = position == len(tokens) - 1
+                stream.publish(ChoiceUpdate(choice, [token], None, self.finish if last else None))
+        return stream
+
+    def _abort(self):
+        self.aborted += 1
+
+    def prompt_logprobs(self, prompts, top=0):
+        raise NotImplementedError
+
+    def running(self):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir):
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokens_become_the_decoded_text(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three")])
+    (result,) = TextGeneration(engine, [1], SamplingParams(max_tokens=3)).collect()
+    assert result.text == " one two three" and result.finish_reason == "length"
+
+
+def test_stop_token_is_left_out_of_the_text(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " done") + [tokenizer.eos_token_id]], finish="stop")
+    (result,) = TextGeneration(engine, [1], SamplingParams(skip_special_tokens=False)).collect()
+    assert result.text == " done" and result.finish_reason == "stop"
+
+
+def test_stop_string_split_over_tokens_ends_the_text_before_it_and_cancels(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " alpha beta gamma delta")])
+    generation = TextGeneration(engine, [1], SamplingParams(stop=("ta gam",)))
+    deltas = list(generation)
+    assert "".join(d.text for d in deltas) == " alpha be"
+    assert deltas[-1].finish_reason == "stop"
+    assert engine.aborted == 1  # the engine was told to stop at once
+
+
+def test_no_delta_ever_shows_part_of_a_stop_string(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " a b c d e f")])
+    texts = [d.text for d in TextGeneration(engine, [1], SamplingParams(stop=(" d e",)))]
+    assert "".join(texts) == " a b c"
+    assert all(" d" not in text for text in texts)
+
+
+def test_each_choice_is_decoded_on_its_own(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " red"), ids(tokenizer, " blue sky")])
+    results = TextGeneration(engine, [1], SamplingParams(n=2)).collect()
+    assert [r.text for r in results] == [" red", " blue sky"]
+
+
+def test_closing_a_generation_early_cancels_it_in_the_engine(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three four")])
+    generation = TextGeneration(engine, [1], SamplingParams(max_tokens=4))
+    iterator = iter(generation)
+    next(iterator)
+    iterator.close()  # what gunicorn does when the client of a streaming response goes away
+    assert engine.aborted == 1
+
+
+def test_a_finished_generation_is_not_cancelled(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " fine")])
+    generation = TextGeneration(engine, [1], SamplingParams())
+    generation.collect()
+    generation.cancel()
+    assert engine.aborted == 0
