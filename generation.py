@@ -8,10 +8,12 @@ cancels it in the engine, so the capacity comes back at once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from engine import ChoiceUpdate, Engine, TokenLogprob
+from metrics import RequestStats
 from request_schema import SamplingParams
 
 
@@ -68,9 +70,16 @@ class _ChoiceText:
 class TextGeneration:
     """One prompt's generation as text. Starting it submits it to the engine; iterate for deltas or `collect()`."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 stats: RequestStats | None = None):
         self.params = params
         self.prompt_ids = prompt_ids
+        self._stats = stats
+        self._started = time.monotonic()
+        self._last_tokens_at: dict[int, float] = {}  # per choice
+        self._counted = False  # whether the stats saw this generation end
+        if stats is not None:
+            stats.generation_started(len(prompt_ids))
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(engine.eos_token_ids))
         self._choices = [_ChoiceText(engine.tokenizer, params, stop_ids) for _ in range(params.n)]
         self._stream = engine.start(prompt_ids, params)
@@ -82,6 +91,7 @@ class TextGeneration:
             for update in self._stream:
                 if update.finish_reason is not None:
                     self._engine_open -= 1
+                self._report_tokens(update)
                 state = self._choices[update.choice]
                 if state is None:
                     continue  # a stop string already ended this choice
@@ -101,6 +111,21 @@ class TextGeneration:
         if self._engine_open:
             self._engine_open = 0
             self._stream.cancel()
+        if self._stats is not None and not self._counted:
+            self._counted = True
+            self._stats.generation_ended(was_running=bool(self._last_tokens_at))
+
+    def _report_tokens(self, update: ChoiceUpdate) -> None:
+        if self._stats is None or not update.token_ids:
+            return
+        now = time.monotonic()
+        self._stats.tokens(len(update.token_ids))
+        if not self._last_tokens_at:
+            self._stats.generation_running()
+            self._stats.first_token(now - self._started)
+        elif update.choice in self._last_tokens_at:
+            self._stats.token_gap((now - self._last_tokens_at[update.choice]) / len(update.token_ids))
+        self._last_tokens_at[update.choice] = now
 
     def collect(self) -> list[ChoiceResult]:
         results = [ChoiceResult() for _ in range(self.params.n)]

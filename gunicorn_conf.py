@@ -6,7 +6,9 @@ initialises CUDA, so forked workers start clean.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
 from server_settings import load_settings
@@ -14,6 +16,14 @@ from server_settings import load_settings
 WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
 
 settings = load_settings()
+# Every worker's metrics go to files in one directory per server (prometheus_client's multiprocess mode); it must
+# exist, empty, before anything imports prometheus_client, and the workers inherit it.
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gunicorn-llm-metrics-")
+else:
+    for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        os.unlink(stale.path)
 dispatcher = GPUDispatcher(
     cut_slices(
         discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers),
@@ -39,7 +49,7 @@ max_requests_jitter = settings.max_requests // 10
 proc_name = "gunicorn-llm"
 # gunicorn's control socket sits at one per-user path: two servers on one host would fight over it.
 control_socket_disable = True
-accesslog = "-"
+accesslog = None  # serving.py writes one structured line per request instead (tokens, time to first token)
 errorlog = "-"
 loglevel = settings.log_level
 
@@ -66,5 +76,13 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
+    import metrics  # imported here, in the master, only after PROMETHEUS_MULTIPROC_DIR is set above
+
     dispatcher.release_slice(worker.pid)
+    metrics.mark_worker_dead(worker.pid)
     server.log.info("worker %s exited; its slice is free", worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 
 from engine import Engine
+from metrics import RequestStats
 from request_schema import RequestError, SamplingParams
 
 ENGINE_KEY = "llm_engine_slot"
@@ -17,6 +18,11 @@ ENGINE_KEY = "llm_engine_slot"
 
 class EngineLoading(Exception):
     """The worker's model is not loaded yet."""
+
+
+def request_stats() -> RequestStats:
+    """The metrics and access-log record of the request being served (opened by serving.py)."""
+    return g.request_stats
 
 
 def current_engine() -> Engine:

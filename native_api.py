@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from generation import TextGeneration
-from http_common import current_engine, encode_prompt, read_json_body
+from http_common import current_engine, encode_prompt, read_json_body, request_stats
 from request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
@@ -33,7 +33,7 @@ def infer():
     if params.scores_prompt:
         return jsonify([[token.logprob for token in row] for row in engine.prompt_logprobs(prompts)])
     # All instances start before any is read: the engine batches them together.
-    generations = [TextGeneration(engine, ids, params) for ids in prompts]
+    generations = [TextGeneration(engine, ids, params, request_stats()) for ids in prompts]
     if infer_request.stream:
         return Response(_infer_lines(generations), mimetype="application/x-ndjson")
     answers = [[choice.text for choice in generation.collect()] for generation in generations]
@@ -74,7 +74,7 @@ def generate():
     if params.n != 1 or params.scores_prompt:
         raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
     engine = current_engine()
-    generation = TextGeneration(engine, encode_prompt(engine, prompt, params), params)
+    generation = TextGeneration(engine, encode_prompt(engine, prompt, params), params, request_stats())
     if stream:
         return Response(_text_chunks(generation), mimetype="text/plain")
     return Response(generation.collect()[0].text, mimetype="text/plain")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine import Engine, TokenLogprob
 from generation import TextGeneration
-from http_common import current_engine, encode_prompt, read_json_body
+from http_common import current_engine, encode_prompt, read_json_body, request_stats
 from request_schema import RequestError, SamplingParams, as_request_error
 
 log = logging.getLogger("gunicorn.error")
@@ -152,7 +152,7 @@ def completions():
     params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
     prompts = [encode_prompt(engine, prompt, params) for prompt in request.prompts()]
     echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
-    generations = [TextGeneration(engine, ids, params) for ids in prompts]
+    generations = [TextGeneration(engine, ids, params, request_stats()) for ids in prompts]
     answer = _Answer("cmpl", "text_completion", engine, params)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -253,7 +253,7 @@ def chat_completions():
     params = _sampling_params(request, limit if limit is not None else max(1, engine.max_model_len - len(prompt)),
                               logprobs)
     prompt_ids = encode_prompt(engine, prompt, params)
-    generation = TextGeneration(engine, prompt_ids, params)
+    generation = TextGeneration(engine, prompt_ids, params, request_stats())
     answer = _Answer("chatcmpl", "chat.completion", engine, params)
     answer.prompt_tokens = len(prompt_ids)
     if request.stream:

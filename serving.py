@@ -16,9 +16,10 @@ import sys
 import threading
 from typing import Callable
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+import metrics
 from dispatcher import pinned_slice_label
 from engine import Engine
 from http_common import ENGINE_KEY, EngineLoading, error_response
@@ -50,6 +51,7 @@ class EngineSlot:
             sys.stderr.flush()
             os._exit(APP_LOAD_ERROR)
         log.info("worker %s: model loaded on slice %s", os.getpid(), pinned_slice_label())
+        metrics.worker_loaded(pinned_slice_label())
         self._ready.set()
 
     def wait(self, timeout_s: float) -> Engine | None:
@@ -63,6 +65,24 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
     app.extensions[ENGINE_KEY] = slot = EngineSlot(build_engine, app)
     app.register_blueprint(native)
     app.register_blueprint(openai_api)
+    _log_access_lines_to_stdout()
+    metrics.start_gpu_sampler()
+
+    @app.before_request
+    def open_request_record():
+        rule = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+        g.request_stats = metrics.RequestStats(rule, metrics.request_id_from(request.headers.get("X-Request-Id")))
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
+    @app.get("/workers")
+    def workers():
+        states = metrics.worker_states()
+        expected = int(os.environ.get("LLM_EXPECTED_WORKERS", len(states)))
+        return jsonify({"workers": expected, "loaded": sum(state["ready"] for state in states), "ready": states})
 
     @app.get("/health")
     def health():
@@ -79,6 +99,11 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
     def name_the_worker(response: Response) -> Response:
         response.headers["X-Worker-Pid"] = str(os.getpid())
         response.headers["X-GPU-Slice"] = pinned_slice_label()
+        stats = g.get("request_stats")
+        if stats is not None:
+            response.headers["X-Request-Id"] = stats.request_id
+            # After the last byte: a stream's tokens and duration are known only then.
+            response.call_on_close(lambda: stats.close(response.status_code))
         return response
 
     @app.errorhandler(RequestError)
@@ -101,6 +126,16 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
         return error_response(500, f"inference failed: {type(error).__name__}: {error}", "internal_error")
 
     return app
+
+
+def _log_access_lines_to_stdout() -> None:
+    access = logging.getLogger(metrics.access_log.name)
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
 
 def _error_type(status: int | None) -> str:

@@ -135,7 +135,7 @@ def main() -> None:
 def render(runs: dict[tuple[str, int], list[dict]], options) -> str:
     names = sorted({name for name, _ in runs}, reverse=True)  # this server first
     lines = [
-        f"| concurrency | server | output tok/s | median TTFT (ms) | median TPOT (ms) | ratio (this / vLLM) |",
+        "| concurrency | server | output tok/s | median TTFT (ms) | median TPOT (ms) | ratio (this / vLLM) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for concurrency in options.concurrency:
