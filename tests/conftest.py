@@ -93,7 +93,7 @@ class Server:
                 response = requests.get(f"{self.url}/ready", timeout=5)
                 if response.status_code == 200 and int(response.headers["X-Worker-Pid"]) in self.worker_pids():
                     ready[int(response.headers["X-Worker-Pid"])] = response.headers["X-GPU-Slice"]
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy loading: ask again
                 pass
             time.sleep(0.2)
         return ready

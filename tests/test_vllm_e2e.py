@@ -33,8 +33,29 @@ PROMPTS = [
 def server(start_server):
     # Eager mode and a 1 GiB KV cache per worker keep start-up and memory small on CI's machine.
     server = start_server("--infer_type", "vLLM", "--cpu-workers", "2", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    server.seen_while_loading = health_and_readiness_until_ready(server)
     server.slices = server.wait_until_ready(workers=2, timeout_s=400)
     return server
+
+
+def health_and_readiness_until_ready(server) -> set[tuple[int, int]]:
+    """(/health status, /ready status) pairs from one worker while vLLM loads (it takes tens of seconds)."""
+    seen = set()
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and (200, 200) not in seen:
+        try:
+            with requests.Session() as session:  # one connection: both answers come from the same worker
+                seen.add((session.get(f"{server.url}/health", timeout=10).status_code,
+                          session.get(f"{server.url}/ready", timeout=10).status_code))
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return seen
+
+
+def test_health_answers_while_the_model_loads_and_ready_waits_for_it(server):
+    assert (200, 503) in server.seen_while_loading
+    assert (200, 200) in server.seen_while_loading
 
 
 def descendants(server) -> set[int]:

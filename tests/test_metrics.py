@@ -1,0 +1,104 @@
+"""/metrics, /workers, access lines and request ids on a real 2-worker server, read with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    server = start_server("--cpu-workers", "2")
+    server.slices = server.wait_until_ready(workers=2)
+    return server
+
+
+def scrape(server) -> dict[str, list]:
+    """Metric family name -> its samples, over all workers (whichever worker answers)."""
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples, name: str, **labels) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_counts_requests_and_tokens_over_all_workers(server):
+    before = scrape(server)
+    for _ in range(6):  # enough requests that both workers answer some
+        server.infer(["1, 2, 3,"], temperature=0, max_tokens=4, ignore_eos=True)
+    after = scrape(server)
+    route = {"route": "/infer", "status": "200"}
+    assert value(after["llm_requests"], "llm_requests_total", **route) - \
+        value(before.get("llm_requests", []), "llm_requests_total", **route) == 6
+    assert value(after["llm_generation_tokens"], "llm_generation_tokens_total") - \
+        value(before.get("llm_generation_tokens", []), "llm_generation_tokens_total") == 24
+    usage = requests.post(f"{server.url}/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 1}).json()
+    prompt_tokens = usage["usage"]["prompt_tokens"]
+    assert value(scrape(server)["llm_prompt_tokens"], "llm_prompt_tokens_total") - \
+        value(before.get("llm_prompt_tokens", []), "llm_prompt_tokens_total") == 7 * prompt_tokens
+
+
+def test_latency_histograms_are_filled(server):
+    server.infer(["Once upon a time"], temperature=0, max_tokens=6, ignore_eos=True)
+    families = scrape(server)
+    assert value(families["llm_time_to_first_token_seconds"], "llm_time_to_first_token_seconds_count") >= 1
+    assert value(families["llm_inter_token_latency_seconds"], "llm_inter_token_latency_seconds_count") >= 5
+    assert value(families["llm_request_duration_seconds"], "llm_request_duration_seconds_count", route="/infer") >= 1
+
+
+def test_running_waiting_and_ready_gauges_are_per_worker(server):
+    families = scrape(server)
+    ready = {s.labels["worker"]: s.labels["slice"] for s in families["llm_worker_ready"] if s.value == 1}
+    assert ready == {str(pid): slice_ for pid, slice_ in server.slices.items()}
+    for name in ("llm_requests_running", "llm_requests_waiting"):
+        assert {s.labels["worker"] for s in families[name]} == set(ready)
+        assert all(s.value == 0 for s in families[name])  # nothing in flight now
+
+
+def test_workers_route_gives_the_server_wide_view(server):
+    view = requests.get(f"{server.url}/workers", timeout=10).json()
+    assert view["workers"] == 2 and view["loaded"] == 2
+    assert {(w["pid"], w["slice"]) for w in view["ready"]} == set(server.slices.items())
+
+
+def test_access_line_per_request_with_the_clients_request_id(server):
+    response = requests.post(f"{server.url}/infer", headers={"X-Request-Id": "eval-run-42"},
+                             json={"instances": ["Hi"], "params": {"max_tokens": 3, "ignore_eos": True}})
+    assert response.headers["X-Request-Id"] == "eval-run-42"
+    deadline = time.monotonic() + 10
+    while '"eval-run-42"' not in server.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    line = next(l for l in server.log().splitlines() if '"eval-run-42"' in l)
+    record = json.loads(line)
+    assert record["route"] == "/infer" and record["status"] == 200
+    assert record["generated_tokens"] == 3 and record["prompt_tokens"] >= 1
+    assert 0 < record["time_to_first_token_s"] <= record["total_s"]
+
+
+def test_a_request_without_an_id_gets_one(server):
+    first = requests.get(f"{server.url}/health").headers["X-Request-Id"]
+    assert len(first) == 32 and first != requests.get(f"{server.url}/health").headers["X-Request-Id"]
+
+
+def test_a_dead_workers_gauges_disappear(server):
+    victim = sorted(server.slices)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "the killed worker's gauges are still exported"
+        try:
+            workers = {s.labels["worker"] for s in scrape(server)["llm_worker_ready"]}
+        except requests.ConnectionError:
+            workers = {str(victim)}
+        if str(victim) not in workers:
+            break
+        time.sleep(0.3)
+    server.slices = server.wait_until_ready(workers=2)
