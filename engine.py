@@ -11,6 +11,7 @@ threads at once: it must batch concurrent generations itself rather than seriali
 from __future__ import annotations
 
 import queue
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -40,6 +41,10 @@ class ChoiceUpdate:
 _END = object()
 
 
+class DeadlineExceeded(Exception):
+    """A generation ran past its request's deadline."""
+
+
 @dataclass
 class GenerationStream:
     """The updates of one prompt's generation, in order, as the engine produces them.
@@ -66,9 +71,16 @@ class GenerationStream:
             self._updates.put(_END)
 
     def __iter__(self) -> Iterator[ChoiceUpdate]:
+        return self.updates()
+
+    def updates(self, deadline: float | None = None) -> Iterator[ChoiceUpdate]:
+        """The updates until every choice finished; past `deadline` (time.monotonic) raises DeadlineExceeded."""
         open_choices = self.choices
         while open_choices:
-            item = self._updates.get()
+            try:
+                item = self._updates.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise DeadlineExceeded() from None
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -98,8 +110,13 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
-        """For each prompt, the log-probability of every token after the first given the tokens before it."""
+    def prompt_logprobs(
+        self, prompts: list[list[int]], top: int = 0, deadline: float | None = None
+    ) -> list[list[TokenLogprob]]:
+        """For each prompt, the log-probability of every token after the first given the tokens before it.
+
+        Past `deadline` (time.monotonic) it raises DeadlineExceeded.
+        """
 
     @abstractmethod
     def running(self) -> int:
@@ -108,3 +125,11 @@ class Engine(ABC):
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}
+
+
+def wait_for(future, deadline: float | None):
+    """A future's result, or DeadlineExceeded once `deadline` (time.monotonic) has passed."""
+    try:
+        return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise DeadlineExceeded() from None

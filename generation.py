@@ -71,13 +71,13 @@ class TextGeneration:
     """One prompt's generation as text. Starting it submits it to the engine; iterate for deltas or `collect()`."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                 stats: RequestStats | None = None):
+                 stats: RequestStats | None = None, deadline: float | None = None):
         self.params = params
         self.prompt_ids = prompt_ids
         self._stats = stats
+        self._deadline = deadline  # time.monotonic() past which the generation is stopped
         self._started = time.monotonic()
         self._last_tokens_at: dict[int, float] = {}  # per choice
-        self._counted = False  # whether the stats saw this generation end
         if stats is not None:
             stats.generation_started(len(prompt_ids))
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(engine.eos_token_ids))
@@ -88,7 +88,7 @@ class TextGeneration:
 
     def __iter__(self) -> Iterator[TextDelta]:
         try:
-            for update in self._stream:
+            for update in self._stream.updates(self._deadline):
                 if update.finish_reason is not None:
                     self._engine_open -= 1
                 self._report_tokens(update)
@@ -111,9 +111,6 @@ class TextGeneration:
         if self._engine_open:
             self._engine_open = 0
             self._stream.cancel()
-        if self._stats is not None and not self._counted:
-            self._counted = True
-            self._stats.generation_ended(was_running=bool(self._last_tokens_at))
 
     def _report_tokens(self, update: ChoiceUpdate) -> None:
         if self._stats is None or not update.token_ids:
@@ -121,7 +118,6 @@ class TextGeneration:
         now = time.monotonic()
         self._stats.tokens(len(update.token_ids))
         if not self._last_tokens_at:
-            self._stats.generation_running()
             self._stats.first_token(now - self._started)
         elif update.choice in self._last_tokens_at:
             self._stats.token_gap((now - self._last_tokens_at[update.choice]) / len(update.token_ids))

@@ -9,7 +9,8 @@ import json
 
 from flask import Response, current_app, g, jsonify, request
 
-from engine import Engine
+from engine import DeadlineExceeded, Engine
+from generation import TextGeneration
 from metrics import RequestStats
 from request_schema import RequestError, SamplingParams
 
@@ -23,6 +24,36 @@ class EngineLoading(Exception):
 def request_stats() -> RequestStats:
     """The metrics and access-log record of the request being served (opened by serving.py)."""
     return g.request_stats
+
+
+def start_generation(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> TextGeneration:
+    """A generation for this request: counted in its stats and stopped at its deadline."""
+    return TextGeneration(engine, prompt_ids, params, request_stats(), deadline())
+
+
+def check_prompt_count(count: int) -> None:
+    limit = current_app.config["MAX_INSTANCES"]
+    if count > limit:
+        raise RequestError(f"{count} prompts in one request; at most {limit} are accepted", None)
+
+
+def deadline() -> float:
+    """When this request's time is up (time.monotonic)."""
+    return request_stats().started + current_app.config["REQUEST_TIMEOUT"]
+
+
+def as_request_error(error: Exception) -> RequestError:
+    """A past deadline as the 504 the client gets; other request errors as they are."""
+    if isinstance(error, DeadlineExceeded):
+        return RequestError(f"the request took longer than its {current_app.config['REQUEST_TIMEOUT']:g} s "
+                            "deadline; its generation was stopped", None, status=504, error_type="timeout_error")
+    return error
+
+
+def error_body(error: Exception) -> dict:
+    """The error object of a request error (or a past deadline), for streams that can no longer change status."""
+    error = as_request_error(error)
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.status}}
 
 
 def current_engine() -> Engine:
@@ -60,3 +91,10 @@ def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParam
 def error_response(status: int, message: str, error_type: str, param: str | None = None) -> tuple[Response, int]:
     """Every error this server sends, in OpenAI's shape."""
     return jsonify({"error": {"message": message, "type": error_type, "param": param, "code": status}}), status
+
+
+def request_error_response(error: Exception) -> tuple[Response, int]:
+    error = as_request_error(error)
+    response, status = error_response(error.status, error.message, error.error_type, error.param)
+    response.headers.update(error.headers)
+    return response, status

@@ -123,8 +123,21 @@ def request_id_from(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
+_admitted_lock = threading.Lock()
+_waiting_here = 0  # this worker's admitted requests that have not had a first token yet
+
+
+def waiting_requests() -> int:
+    """Requests of this worker waiting for their first token (what backpressure bounds)."""
+    return _waiting_here
+
+
 class RequestStats:
-    """The counts and times of one HTTP request; generation.py reports tokens, serving.py closes it."""
+    """The counts and times of one HTTP request; generation.py reports tokens, serving.py closes it.
+
+    A generation request is *waiting* from `admit()` until its first token and *running* from then until
+    `close()`; the worker's gauges and the backpressure count follow those two states.
+    """
 
     def __init__(self, route: str, request_id: str):
         self.route = route
@@ -133,7 +146,33 @@ class RequestStats:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.first_token_s: float | None = None
+        self._state = "new"  # new -> waiting -> running -> closed
         self._lock = threading.Lock()
+
+    def admit(self, limit: int) -> bool:
+        """Count this request as waiting, unless `limit` requests of this worker already wait (then False)."""
+        global _waiting_here
+        with _admitted_lock:
+            if _waiting_here >= limit:
+                return False
+            _waiting_here += 1
+        self._state = "waiting"
+        WAITING.labels(str(os.getpid())).inc()
+        return True
+
+    def _leave(self, to: str) -> None:
+        global _waiting_here
+        with self._lock:
+            state, self._state = self._state, to
+        worker = str(os.getpid())
+        if state == "waiting":
+            with _admitted_lock:
+                _waiting_here -= 1
+            WAITING.labels(worker).dec()
+        elif state == "running":
+            RUNNING.labels(worker).dec()
+        if to == "running" and state == "waiting":
+            RUNNING.labels(worker).inc()
 
     # reported by generation.py, per generation (one prompt) and per choice
 
@@ -141,7 +180,6 @@ class RequestStats:
         with self._lock:
             self.prompt_tokens += prompt_tokens
         PROMPT_TOKENS.inc(prompt_tokens)
-        WAITING.labels(str(os.getpid())).inc()
 
     def tokens(self, count: int) -> None:
         GENERATION_TOKENS.inc(count)
@@ -152,23 +190,19 @@ class RequestStats:
         """A generation's first token, `since_start_s` after it started."""
         TIME_TO_FIRST_TOKEN.observe(since_start_s)
         with self._lock:
-            if self.first_token_s is None:
-                self.first_token_s = since_start_s
+            first_of_request = self.first_token_s is None
+            if first_of_request:
+                self.first_token_s = time.monotonic() - self.started
+        if first_of_request and self._state == "waiting":
+            self._leave("running")
 
     def token_gap(self, seconds_per_token: float) -> None:
         INTER_TOKEN_LATENCY.observe(seconds_per_token)
 
-    def generation_running(self) -> None:
-        worker = str(os.getpid())
-        WAITING.labels(worker).dec()
-        RUNNING.labels(worker).inc()
-
-    def generation_ended(self, was_running: bool) -> None:
-        (RUNNING if was_running else WAITING).labels(str(os.getpid())).dec()
-
     # called once the answer has been sent
 
     def close(self, status: int) -> None:
+        self._leave("closed")
         total_s = time.monotonic() - self.started
         REQUESTS.labels(self.route, str(status)).inc()
         REQUEST_DURATION.labels(self.route).observe(total_s)

@@ -13,8 +13,12 @@ import logging
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
+from engine import DeadlineExceeded
 from generation import TextGeneration
-from http_common import current_engine, encode_prompt, read_json_body, request_stats
+from guards import admit
+from http_common import (
+    check_prompt_count, current_engine, deadline, encode_prompt, error_body, read_json_body, start_generation,
+)
 from request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
@@ -27,13 +31,16 @@ _warned_keys: set[str] = set()
 def infer():
     infer_request, ignored = parse_infer_request(read_json_body())
     _warn_ignored("/infer", ignored)
+    check_prompt_count(len(infer_request.instances))
     engine = current_engine()
     params = infer_request.params
     prompts = [encode_prompt(engine, text, params) for text in infer_request.instances]
+    admit()
     if params.scores_prompt:
-        return jsonify([[token.logprob for token in row] for row in engine.prompt_logprobs(prompts)])
+        scores = engine.prompt_logprobs(prompts, deadline=deadline())
+        return jsonify([[token.logprob for token in row] for row in scores])
     # All instances start before any is read: the engine batches them together.
-    generations = [TextGeneration(engine, ids, params, request_stats()) for ids in prompts]
+    generations = [start_generation(engine, ids, params) for ids in prompts]
     if infer_request.stream:
         return Response(_infer_lines(generations), mimetype="application/x-ndjson")
     answers = [[choice.text for choice in generation.collect()] for generation in generations]
@@ -49,6 +56,8 @@ def _infer_lines(generations: list[TextGeneration]):
                     line = {"instance": instance, "choice": delta.choice, "text": delta.text,
                             "finish_reason": delta.finish_reason}
                     yield json.dumps(line) + "\n"
+    except (DeadlineExceeded, RequestError) as error:  # the status is sent already: the error is the last line
+        yield json.dumps(error_body(error)) + "\n"
     finally:  # the client left: nothing it asked for keeps running
         for generation in generations:
             generation.cancel()
@@ -74,7 +83,9 @@ def generate():
     if params.n != 1 or params.scores_prompt:
         raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
     engine = current_engine()
-    generation = TextGeneration(engine, encode_prompt(engine, prompt, params), params, request_stats())
+    prompt_ids = encode_prompt(engine, prompt, params)
+    admit()
+    generation = start_generation(engine, prompt_ids, params)
     if stream:
         return Response(_text_chunks(generation), mimetype="text/plain")
     return Response(generation.collect()[0].text, mimetype="text/plain")
@@ -85,6 +96,8 @@ def _text_chunks(generation: TextGeneration):
         for delta in generation:
             if delta.text:
                 yield delta.text
+    except DeadlineExceeded:
+        log.warning("/generate stream stopped at its deadline")  # plain text has no place for an error
     finally:  # the client left: its generation stops
         generation.cancel()
 

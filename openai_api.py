@@ -18,9 +18,12 @@ from typing import Any, Iterator, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine import Engine, TokenLogprob
+from engine import DeadlineExceeded, Engine, TokenLogprob
 from generation import TextGeneration
-from http_common import current_engine, encode_prompt, read_json_body, request_stats
+from guards import admit
+from http_common import (
+    check_prompt_count, current_engine, deadline, encode_prompt, error_body, read_json_body, start_generation,
+)
 from request_schema import RequestError, SamplingParams, as_request_error
 
 log = logging.getLogger("gunicorn.error")
@@ -150,9 +153,11 @@ def completions():
     engine = current_engine()
     _check_model(engine, request.model)
     params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
+    check_prompt_count(len(request.prompts()))
     prompts = [encode_prompt(engine, prompt, params) for prompt in request.prompts()]
+    admit()
     echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
-    generations = [TextGeneration(engine, ids, params, request_stats()) for ids in prompts]
+    generations = [start_generation(engine, ids, params) for ids in prompts]
     answer = _Answer("cmpl", "text_completion", engine, params)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -183,7 +188,7 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tupl
     text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=params.skip_special_tokens)
     if params.logprobs is None:
         return text, None
-    scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs)[0]
+    scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs, deadline=deadline())[0]
     first = engine.tokenizer.decode(prompt_ids[:1])
     logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
     return text, logprobs
@@ -253,7 +258,8 @@ def chat_completions():
     params = _sampling_params(request, limit if limit is not None else max(1, engine.max_model_len - len(prompt)),
                               logprobs)
     prompt_ids = encode_prompt(engine, prompt, params)
-    generation = TextGeneration(engine, prompt_ids, params, request_stats())
+    admit()
+    generation = start_generation(engine, prompt_ids, params)
     answer = _Answer("chatcmpl", "chat.completion", engine, params)
     answer.prompt_tokens = len(prompt_ids)
     if request.stream:
@@ -340,10 +346,12 @@ def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> 
         try:
             for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
-            yield "data: [DONE]\n\n"
+        except (DeadlineExceeded, RequestError) as error:  # the status is sent already: an error event instead
+            yield f"data: {json.dumps(error_body(error))}\n\n"
         finally:  # the client left (or the stream ended): nothing it asked for keeps running
             for generation in generations:
                 generation.cancel()
+        yield "data: [DONE]\n\n"
 
     # X-Accel-Buffering: a proxy in front (nginx) passes the events on as they come.
     return Response(sse(), mimetype="text/event-stream",

@@ -17,12 +17,13 @@ class RequestError(ValueError):
     """The request cannot be served as sent; `param` names the offending field (dotted path) when there is one."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 error_type: str = "invalid_request_error"):
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
         self.error_type = error_type
+        self.headers = headers or {}
 
 
 class SamplingParams(BaseModel):

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -59,6 +60,26 @@ class ServerSettings(BaseSettings):
     worker_timeout: int = _setting(
         300, "WORKER_TIMEOUT", "--timeout", "seconds before a silent worker is killed; also the graceful drain", ge=1
     )
+    api_key: str | None = _setting(None, "API_KEY", "--api-key", "Bearer key the generation routes require")
+    api_key_file: str | None = _setting(
+        None, "API_KEY_FILE", "--api-key-file", "file of accepted Bearer keys, one per line (# comments)"
+    )
+    protect_monitoring: bool = _setting(
+        False, "PROTECT_MONITORING", "--protect-monitoring",
+        "with keys set, /health, /ready, /metrics, /workers and / need a key too",
+    )
+    max_waiting: int = _setting(
+        64, "MAX_WAITING", "--max-waiting", "requests a worker holds before their first token; more get 503", ge=1
+    )
+    request_timeout: float = _setting(
+        600.0, "REQUEST_TIMEOUT", "--request-timeout", "seconds a request may take; then generation stops, 504", gt=0
+    )
+    max_body_bytes: int = _setting(
+        8 * 1024 * 1024, "MAX_BODY_BYTES", "--max-body-bytes", "largest request body; larger is 413", ge=1024
+    )
+    max_instances: int = _setting(
+        256, "MAX_INSTANCES", "--max-instances", "prompts in one request at most (/infer, /v1/completions)", ge=1
+    )
     max_requests: int = _setting(
         0, "MAX_REQUESTS", "--max-requests", "requests before a worker is recycled (0: never)", ge=0
     )
@@ -69,7 +90,10 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool | None = _setting(
         None, "ENFORCE_EAGER", "--enforce-eager", "vLLM without CUDA graphs or compilation (default: on CPU only)"
     )
-    threads: int = _setting(32, "THREADS", "--threads", "concurrent requests per worker", ge=1, le=4096)
+    threads: int = _setting(
+        128, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
+        ge=1, le=4096,
+    )
     max_batch_size: int = _setting(
         32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
     )
@@ -92,7 +116,8 @@ class ServerSettings(BaseSettings):
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("model_name", "quantization", "cuda_visible_devices", "gpu_ids", "model_path", mode="before")
+    @field_validator("model_name", "quantization", "cuda_visible_devices", "gpu_ids", "model_path", "api_key",
+                     "api_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         # The original launcher passed the string "None" for unset options.
@@ -112,6 +137,14 @@ class ServerSettings(BaseSettings):
         if self.dtype != "auto":
             return self.dtype
         return "auto" if on_gpu else "float32"
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key: --api-key and the lines of --api-key-file (none: no authentication)."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file:
+            lines = Path(self.api_key_file).read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return tuple(keys)
 
     @property
     def effective_slice_wait(self) -> float:
@@ -156,6 +189,13 @@ def preflight() -> int:
             "quantization from its config.json",
             file=sys.stderr,
         )
+        return USAGE_ERROR
+    try:
+        if settings.api_key_file and not settings.api_keys():
+            print(f"error: --api-key-file {settings.api_key_file} holds no key", file=sys.stderr)
+            return USAGE_ERROR
+    except OSError as error:
+        print(f"error: --api-key-file: {error.strerror}: {settings.api_key_file}", file=sys.stderr)
         return USAGE_ERROR
     try:
         devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)

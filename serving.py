@@ -21,11 +21,15 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 from dispatcher import pinned_slice_label
-from engine import Engine
-from http_common import ENGINE_KEY, EngineLoading, error_response
+from engine import DeadlineExceeded, Engine
+from guards import install_guards
+from http_common import ENGINE_KEY, EngineLoading, error_response, request_error_response
+from monitor import monitor
 from native_api import native
 from openai_api import openai_api
+from openapi_spec import openapi_json
 from request_schema import RequestError
+from server_settings import ServerSettings
 
 log = logging.getLogger("gunicorn.error")
 
@@ -53,18 +57,22 @@ class EngineSlot:
         log.info("worker %s: model loaded on slice %s", os.getpid(), pinned_slice_label())
         metrics.worker_loaded(pinned_slice_label())
         self._ready.set()
+        __import__("systemd_notify").worker_loaded()  # systemd: READY=1 once every worker is loaded
 
     def wait(self, timeout_s: float) -> Engine | None:
         return self.engine if self._ready.wait(timeout_s) else None
 
 
-def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -> Flask:
+def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> Flask:
     """A Flask app serving the engine that `build_engine` returns (called once, in a background thread)."""
     app = Flask(__name__)
-    app.config["ENGINE_LOAD_WAIT_S"] = load_wait_s
+    app.config.update(ENGINE_LOAD_WAIT_S=settings.worker_timeout, REQUEST_TIMEOUT=settings.request_timeout,
+                      MAX_INSTANCES=settings.max_instances)
+    install_guards(app, settings)
     app.extensions[ENGINE_KEY] = slot = EngineSlot(build_engine, app)
     app.register_blueprint(native)
     app.register_blueprint(openai_api)
+    app.register_blueprint(monitor)
     _log_access_lines_to_stdout()
     metrics.start_gpu_sampler()
 
@@ -77,6 +85,10 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
     def prometheus_metrics():
         body, content_type = metrics.exposition()
         return Response(body, content_type=content_type)
+
+    @app.get("/openapi.json")
+    def openapi_description():
+        return Response(openapi_json(), mimetype="application/json")
 
     @app.get("/workers")
     def workers():
@@ -107,8 +119,9 @@ def create_app(build_engine: Callable[[], Engine], load_wait_s: float = 300.0) -
         return response
 
     @app.errorhandler(RequestError)
-    def bad_request(error: RequestError):
-        return error_response(error.status, error.message, error.error_type, error.param)
+    @app.errorhandler(DeadlineExceeded)
+    def refused(error: Exception):
+        return request_error_response(error)
 
     @app.errorhandler(EngineLoading)
     def still_loading(error: EngineLoading):

@@ -29,8 +29,16 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --enforce-eager            vLLM without CUDA graphs (default on CPU only)   [ENFORCE_EAGER]
   --timeout S                seconds before a silent worker is killed; also
                              the graceful drain on stop                       [WORKER_TIMEOUT=300]
-  --threads N                concurrent requests per worker                   [THREADS=32]
+  --threads N                concurrent connections per worker               [THREADS=128]
   --max-requests N           requests before a worker is recycled; 0: never   [MAX_REQUESTS=0]
+  --api-key KEY              Bearer key the generation routes require         [API_KEY]
+  --api-key-file F           file of accepted keys, one per line              [API_KEY_FILE]
+  --protect-monitoring       keys also for /health, /ready, /metrics, /workers [PROTECT_MONITORING]
+  --max-waiting N            requests waiting for a first token per worker;
+                             beyond: 503 with Retry-After                     [MAX_WAITING=64]
+  --request-timeout S        per-request deadline; then 504                   [REQUEST_TIMEOUT=600]
+  --max-body-bytes N         largest request body; beyond: 413                [MAX_BODY_BYTES=8388608]
+  --max-instances N          prompts per request at most                      [MAX_INSTANCES=256]
   --max-batch-size N         sequences per batch (transformers engine)        [MAX_BATCH_SIZE=32]
   --batching MODE            transformers engine: continuous, generate, or
                              auto (continuous on GPU, generate on CPU)        [BATCHING=auto]
@@ -46,6 +54,7 @@ long_options="help,model_name:,model-name:,hf-model-name:,infer_type:,infer-type
 long_options+=",workers-per-gpu:,workers_per_gpu:,cpu-workers:,cuda-visible-devices:,cuda_visible_devices:"
 long_options+=",gpu-ids:,host:,port:,max-model-len:,max_model_len:,dtype:,quantization:,timeout:,threads:"
 long_options+=",max-batch-size:,batching:,max-requests:,log-level:,gpu-memory-utilization:,enforce-eager"
+long_options+=",api-key:,api-key-file:,protect-monitoring,max-waiting:,request-timeout:,max-body-bytes:,max-instances:"
 
 if ! parsed=$(getopt --name "$(basename "$0")" --options h --longoptions "$long_options" -- "$@"); then
 	echo "Try '$(basename "$0") --help' for the options." >&2
@@ -75,6 +84,13 @@ while true; do
 	--max-batch-size) export MAX_BATCH_SIZE="$2"; shift 2 ;;
 	--batching) export BATCHING="$2"; shift 2 ;;
 	--max-requests) export MAX_REQUESTS="$2"; shift 2 ;;
+	--api-key) export API_KEY="$2"; shift 2 ;;
+	--api-key-file) export API_KEY_FILE="$2"; shift 2 ;;
+	--protect-monitoring) export PROTECT_MONITORING=true; shift ;;
+	--max-waiting) export MAX_WAITING="$2"; shift 2 ;;
+	--request-timeout) export REQUEST_TIMEOUT="$2"; shift 2 ;;
+	--max-body-bytes) export MAX_BODY_BYTES="$2"; shift 2 ;;
+	--max-instances) export MAX_INSTANCES="$2"; shift 2 ;;
 	--log-level) export LOG_LEVEL="$2"; shift 2 ;;
 	--) shift; break ;;
 	*) echo "$(basename "$0"): internal error parsing option $1" >&2; exit 70 ;;
@@ -86,6 +102,9 @@ if [ $# -gt 0 ]; then
 	exit 2
 fi
 
+# Workers run from the project folder: a relative key file must be named from where the user is.
+if [ -n "${API_KEY_FILE:-}" ] && [ "${API_KEY_FILE#/}" = "$API_KEY_FILE" ]; then export API_KEY_FILE="$PWD/$API_KEY_FILE"; fi
+
 # The project's virtual environment when there is one and none is active.
 if [ -z "${PYTHON:-}" ]; then
 	if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
@@ -95,6 +114,14 @@ fi
 # It prints the model's folder; every problem is one line on stderr and exit status 2.
 MODEL_PATH="$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m server_settings)" || exit $?
 export MODEL_PATH
+
+# systemd (deploy/gunicorn-llm.service, Type=notify): gunicorn's master would send READY=1 as soon as it listens,
+# before any worker has loaded its model. Hide the socket from gunicorn; the workers send READY=1 themselves once all
+# of them have loaded (systemd_notify.py).
+if [ -n "${NOTIFY_SOCKET:-}" ]; then
+	export LLM_NOTIFY_SOCKET="$NOTIFY_SOCKET"
+	unset NOTIFY_SOCKET
+fi
 
 cd "$here"
 exec "$PYTHON" -m gunicorn --config gunicorn_conf.py

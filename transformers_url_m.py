@@ -42,7 +42,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
+from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob, wait_for
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
@@ -226,10 +226,10 @@ class TransformersEngine(Engine):
         self._jobs.put(GenerateJob(prompt_ids, params, stream))
         return stream
 
-    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         job = ScoreJob(prompts, top)
         self._jobs.put(job)
-        return job.result.result()
+        return wait_for(job.result, deadline)
 
     # -- the batching thread ---------------------------------------------------------------------------------
 
@@ -360,4 +360,4 @@ def build_engine() -> TransformersEngine:
     return TransformersEngine(model_path, settings.model_name or EMBEDDED_MODEL_NAME, settings)
 
 
-app = create_app(build_engine, load_wait_s=load_settings().worker_timeout)
+app = create_app(build_engine, load_settings())

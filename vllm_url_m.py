@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
+from engine import ChoiceUpdate, DeadlineExceeded, Engine, GenerationStream, TokenLogprob, wait_for
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
@@ -92,7 +92,7 @@ class VLLMEngine(Engine):
         self._incoming.put(("add", submission))
         return submission.stream
 
-    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -104,7 +104,12 @@ class VLLMEngine(Engine):
         submissions = [Submission(ids, sampling, result=Future()) for ids in prompts]
         for submission in submissions:
             self._incoming.put(("add", submission))
-        outputs = [submission.result.result() for submission in submissions]
+        try:
+            outputs = [wait_for(submission.result, deadline) for submission in submissions]
+        except DeadlineExceeded:
+            for submission in submissions:
+                self._incoming.put(("abort", submission))
+            raise
         return [
             [_token_logprob(token, entry, top) for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
             for out in outputs
@@ -217,4 +222,4 @@ def build_engine() -> VLLMEngine:
     return VLLMEngine(model_path, settings.model_name or EMBEDDED_MODEL_NAME, settings)
 
 
-app = create_app(build_engine, load_wait_s=load_settings().worker_timeout)
+app = create_app(build_engine, load_settings())
