@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
 from engine import DeadlineExceeded
@@ -42,7 +42,7 @@ def infer():
     # All instances start before any is read: the engine batches them together.
     generations = [start_generation(engine, ids, params) for ids in prompts]
     if infer_request.stream:
-        return Response(_infer_lines(generations), mimetype="application/x-ndjson")
+        return Response(stream_with_context(_infer_lines(generations)), mimetype="application/x-ndjson")
     answers = [[choice.text for choice in generation.collect()] for generation in generations]
     return jsonify([choices[0] if params.n == 1 else choices for choices in answers])
 
@@ -87,7 +87,7 @@ def generate():
     admit()
     generation = start_generation(engine, prompt_ids, params)
     if stream:
-        return Response(_text_chunks(generation), mimetype="text/plain")
+        return Response(stream_with_context(_text_chunks(generation)), mimetype="text/plain")
     return Response(generation.collect()[0].text, mimetype="text/plain")
 
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Iterator, Literal
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine import DeadlineExceeded, Engine, TokenLogprob
@@ -354,5 +354,6 @@ def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> 
         yield "data: [DONE]\n\n"
 
     # X-Accel-Buffering: a proxy in front (nginx) passes the events on as they come.
-    return Response(sse(), mimetype="text/event-stream",
+    # Within the request's context: errors raised mid-stream are still described with its settings.
+    return Response(stream_with_context(sse()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
