@@ -11,7 +11,7 @@ import requests
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-TIMEOUT_S = 8  # generous against a slow machine: the requests that must finish take well under 1 s
+TIMEOUT_S = 15  # generous against a slow machine: the requests that must finish take well under 1 s
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_beyond_max_waiting_requests_get_503_at_once(server):
         results = [f.result() for f in futures]
     refused = [(r, elapsed) for r, elapsed in results if r.status_code == 503]
     served = [r for r, _ in results if r.status_code == 200]
-    assert len(served) == 2 and len(refused) == 4
+    assert len(served) == 2 and len(refused) == 4, [(r.status_code, round(e, 2), r.text[:80]) for r, e in results]
     for response, elapsed in refused:
         assert response.headers["Retry-After"] == "1"
         assert response.json()["error"]["type"] == "overloaded_error"
