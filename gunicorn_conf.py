@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 
+import systemd_notify
 from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
 from server_settings import load_settings
 
@@ -36,6 +37,8 @@ dispatcher = GPUDispatcher(
 wsgi_app = {"transformers": "transformers_url_m:app", "vllm": "vllm_url_m:app"}[settings.infer_type]
 bind = f"{settings.host}:{settings.port}"
 workers = dispatcher.worker_count
+# systemd readiness (systemd_notify.py): workers learn how many must load before READY=1 is sent.
+systemd_notify.prepare(workers)
 # gthread: requests run on a thread pool while the main thread keeps heart-beating, so a long generation is never
 # mistaken for a hung worker; the engine batches what the threads submit.
 worker_class = "gthread"

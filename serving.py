@@ -20,6 +20,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import metrics
+import systemd_notify
 from dispatcher import pinned_slice_label
 from engine import DeadlineExceeded, Engine
 from guards import install_guards
@@ -57,7 +58,7 @@ class EngineSlot:
         log.info("worker %s: model loaded on slice %s", os.getpid(), pinned_slice_label())
         metrics.worker_loaded(pinned_slice_label())
         self._ready.set()
-        __import__("systemd_notify").worker_loaded()  # systemd: READY=1 once every worker is loaded
+        systemd_notify.worker_loaded()  # systemd: READY=1 once every worker is loaded
 
     def wait(self, timeout_s: float) -> Engine | None:
         return self.engine if self._ready.wait(timeout_s) else None
