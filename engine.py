@@ -10,13 +10,18 @@ threads at once: it must batch concurrent generations itself rather than seriali
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
+import signal
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from request_schema import SamplingParams
+
+log = logging.getLogger("gunicorn.error")
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,19 @@ class GenerationStream:
             yield item
 
 
+class EngineDied(RuntimeError):
+    """The engine cannot generate any more; the worker is replaced."""
+
+
 class Engine(ABC):
+    """Subclasses call `step_taken()` once per generation step and `die()` when their loop cannot go on."""
+
+    #: set once the engine died: /ready answers 503 and new requests are refused until the worker is replaced
+    failure: BaseException | None = None
+    #: FAULT_INJECT_AFTER_STEPS: fail the engine at this generation step (fault tests only)
+    _fail_at_step: int | None = None
+    _steps = 0
+
     #: the name clients see for the served model
     model_name: str
     #: the model's tokenizer (Hugging Face interface): the layer above encodes prompts and decodes tokens with it
@@ -125,6 +142,25 @@ class Engine(ABC):
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}
+
+    def inject_failure_after(self, steps: int | None) -> None:
+        self._fail_at_step = steps
+
+    def step_taken(self) -> None:
+        """Count a generation step; raises EngineDied at the step FAULT_INJECT_AFTER_STEPS names."""
+        self._steps += 1
+        if self._fail_at_step is not None and self._steps >= self._fail_at_step:
+            raise EngineDied(f"fault injected at generation step {self._steps} (FAULT_INJECT_AFTER_STEPS)")
+
+    def die(self, error: BaseException) -> None:
+        """Mark the engine dead and ask gunicorn for a fresh worker: a graceful stop lets in-flight requests end
+        (they fail fast now), then the master starts a replacement that builds a new engine."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        log.error("worker %s: the engine died (%s); stopping this worker so that gunicorn replaces it",
+                  os.getpid(), error)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def wait_for(future, deadline: float | None):

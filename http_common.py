@@ -61,6 +61,9 @@ def current_engine() -> Engine:
     engine = current_app.extensions[ENGINE_KEY].wait(current_app.config["ENGINE_LOAD_WAIT_S"])
     if engine is None:
         raise EngineLoading()
+    if engine.failure is not None:
+        raise RequestError(f"the engine failed ({engine.failure}); this worker is being replaced, retry shortly",
+                           None, status=503, error_type="service_unavailable", headers={"Retry-After": "1"})
     return engine
 
 

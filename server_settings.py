@@ -108,6 +108,9 @@ class ServerSettings(BaseSettings):
     dispatcher_state: str = _setting(
         "/tmp/gunicorn-llm-gpu-slices.json", "DISPATCHER_STATE", None, "host-wide file recording slice holders"
     )
+    fault_inject_after_steps: int | None = _setting(
+        None, "FAULT_INJECT_AFTER_STEPS", None, "fault tests only: the engine fails at this generation step", ge=1
+    )
     trust_remote_code: bool = _setting(False, "TRUST_REMOTE_CODE", None, "run code shipped with the model")
     log_level: Literal["debug", "info", "warning", "error"] = _setting("info", "LOG_LEVEL", "--log-level", "")
 
@@ -123,7 +126,7 @@ class ServerSettings(BaseSettings):
         # The original launcher passed the string "None" for unset options.
         return None if value in ("", "None", "none") else value
 
-    @field_validator("max_model_len", "slice_wait", "enforce_eager", mode="before")
+    @field_validator("max_model_len", "slice_wait", "enforce_eager", "fault_inject_after_steps", mode="before")
     @classmethod
     def _empty_number_is_unset(cls, value):
         return None if value in ("", "None", "none") else value

@@ -70,7 +70,13 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     app.config.update(ENGINE_LOAD_WAIT_S=settings.worker_timeout, REQUEST_TIMEOUT=settings.request_timeout,
                       MAX_INSTANCES=settings.max_instances)
     install_guards(app, settings)
-    app.extensions[ENGINE_KEY] = slot = EngineSlot(build_engine, app)
+
+    def build() -> Engine:
+        engine = build_engine()
+        engine.inject_failure_after(settings.fault_inject_after_steps)
+        return engine
+
+    app.extensions[ENGINE_KEY] = slot = EngineSlot(build, app)
     app.register_blueprint(native)
     app.register_blueprint(openai_api)
     app.register_blueprint(monitor)
@@ -106,6 +112,9 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
         engine = slot.wait(0)
         if engine is None:
             return error_response(503, "the model is still loading", "service_unavailable")
+        if engine.failure is not None:
+            return error_response(503, f"the engine failed ({engine.failure}); this worker is being replaced",
+                                  "service_unavailable")
         return jsonify({"status": "ready", "pid": os.getpid(), "slice": pinned_slice_label(), **engine.describe()})
 
     @app.after_request

@@ -38,9 +38,11 @@ class _Sequence:
 
 
 class ContinuousBatching:
-    def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float):
-        """`memory_share`: the fraction of the device's free memory this manager may take for its KV cache."""
+    def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float, on_death):
+        """`memory_share`: the fraction of the device's free memory this manager may take for its KV cache;
+        `on_death(error)`: called once if the manager's loop dies."""
         self.vocab_size = vocab_size
+        self.on_death = on_death
         # Values other than the neutral ones make the manager build its per-request temperature, top-k and top-p
         # processors; every request then passes all three, so these defaults never apply to a request.
         config = GenerationConfig(
@@ -140,6 +142,7 @@ class ContinuousBatching:
 
     def _fail_all(self, error: BaseException) -> None:
         log.error("continuous batching loop died: %s", error)
+        self.on_death(error)
         with self._lock:
             self._loop_error = error
             sequences, self._sequences = self._sequences, {}

@@ -42,7 +42,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from engine import ChoiceUpdate, Engine, GenerationStream, TokenLogprob, wait_for
+from engine import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogprob, wait_for
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
 from server_settings import ServerSettings, load_settings
@@ -100,7 +100,9 @@ class _StepObserver(StoppingCriteria):
     (with its log-probability, recorded by `_RawLogprobs`), and ends rows that hit a stop token, their length, or
     were cancelled."""
 
-    def __init__(self, rows: list[_Row], prompt_width: int, params: SamplingParams, stop_ids: frozenset[int]):
+    def __init__(self, rows: list[_Row], prompt_width: int, params: SamplingParams, stop_ids: frozenset[int],
+                 engine: Engine):
+        self.engine = engine
         self.rows = rows
         self.prompt_width = prompt_width
         self.params = params
@@ -109,6 +111,7 @@ class _StepObserver(StoppingCriteria):
         self.live_rows = len(rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.engine.step_taken()
         return self._observe(input_ids)
 
     def _observe(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
@@ -195,7 +198,7 @@ class TransformersEngine(Engine):
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
-        return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share)
+        return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die)
 
     def running(self) -> int:
         observer = self._observer
@@ -266,6 +269,8 @@ class TransformersEngine(Engine):
                 log.exception("batch of %d sequences failed", len(chunk))
                 for row in chunk:
                     row.job.stream.fail(error)
+                if isinstance(error, EngineDied):
+                    self.die(error)
 
     @torch.inference_mode()
     def _generate_rows(self, rows: list[_Row], params: SamplingParams) -> None:
@@ -276,7 +281,7 @@ class TransformersEngine(Engine):
         inputs = inputs.to(self.device)
         prompt_width = inputs["input_ids"].shape[1]
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
-        observer = self._observer = _StepObserver(rows, prompt_width, params, stop_ids)
+        observer = self._observer = _StepObserver(rows, prompt_width, params, stop_ids, self)
         self.model.generate(
             **inputs,
             generation_config=GenerationConfig(

@@ -145,10 +145,12 @@ class VLLMEngine(Engine):
             # Block while idle; once requests run, only take what is already waiting between steps.
             self._take_commands(block=not self.engine.has_unfinished_requests())
             try:
+                self.step_taken()
                 outputs = self.engine.step()
-            except Exception as error:  # noqa: BLE001 - every waiting request learns why, the worker keeps serving
+            except Exception as error:  # noqa: BLE001 - vLLM cannot go on after a failed step: fail, then replace
                 log.exception("vLLM engine step failed")
                 self._fail_running(error)
+                self.die(error)
                 continue
             for output in outputs:
                 self._deliver(output)
