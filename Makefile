@@ -13,7 +13,11 @@ ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+# The monitor page's test (tests/test_monitor_page.py) drives Debian's headless Chromium through chromedriver.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+
+.PHONY: setup browser run test clean
 
 setup: $(STAMP)
 
@@ -27,11 +31,19 @@ $(STAMP): requirements.txt requirements-model.txt requirements-test.txt $(VLLM_R
 		$(PY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
+# Installs Chromium when it is missing and we are root; otherwise says how (the monitor test then fails).
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; \
+	elif [ "$$(id -u)" -eq 0 ]; then \
+		echo "make: installing Chromium for the monitor page test"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
+	else echo "make: $(CHROMIUM) is missing; install it with: sudo apt-get install chromium chromium-driver" >&2; fi
+
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./start_gunicorn.sh $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: setup
+test: setup browser
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

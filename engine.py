@@ -41,6 +41,7 @@ class ChoiceUpdate:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
     finish_reason: str | None = None  # None while running; "stop": a stop or end-of-sequence token; "length"
+    at: float = field(default_factory=time.monotonic)  # when the engine produced it (not when it was read)
 
 
 _END = object()

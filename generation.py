@@ -115,7 +115,7 @@ class TextGeneration:
     def _report_tokens(self, update: ChoiceUpdate) -> None:
         if self._stats is None or not update.token_ids:
             return
-        now = time.monotonic()
+        now = update.at  # the engine's time: a reader that comes late (one /infer instance after another) is not
         self._stats.tokens(len(update.token_ids))
         if not self._last_tokens_at:
             self._stats.first_token(now - self._started)

@@ -66,7 +66,7 @@ class EngineSlot:
 
 def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> Flask:
     """A Flask app serving the engine that `build_engine` returns (called once, in a background thread)."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the monitor page serves its own files
     app.config.update(ENGINE_LOAD_WAIT_S=settings.worker_timeout, REQUEST_TIMEOUT=settings.request_timeout,
                       MAX_INSTANCES=settings.max_instances)
     install_guards(app, settings)
