@@ -13,11 +13,11 @@ ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# The monitor page's test (tests/test_monitor_page.py) drives Debian's headless Chromium through chromedriver.
-CHROMIUM ?= /usr/bin/chromium
-CHROMEDRIVER ?= /usr/bin/chromedriver
+# System tools some tests drive, from Debian's packages: headless Chromium and chromedriver for the monitor page
+# (tests/test_monitor_page.py), systemd-analyze and systemd-sysusers for the unit (tests/test_systemd.py).
+SYSTEM_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/systemd-analyze:systemd
 
-.PHONY: setup browser run test clean
+.PHONY: setup system-tools run test clean
 
 setup: $(STAMP)
 
@@ -31,19 +31,20 @@ $(STAMP): requirements.txt requirements-model.txt requirements-test.txt $(VLLM_R
 		$(PY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
-# Installs Chromium when it is missing and we are root; otherwise says how (the monitor test then fails).
-browser:
-	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; \
+# Installs the missing ones when we are root; otherwise says how (the tests that need them then fail).
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do [ -x "$${tool%%:*}" ] || missing="$$missing $${tool#*:}"; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" -eq 0 ]; then \
-		echo "make: installing Chromium for the monitor page test"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
-	else echo "make: $(CHROMIUM) is missing; install it with: sudo apt-get install chromium chromium-driver" >&2; fi
+		echo "make: installing$$missing for the tests"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	else echo "make: missing$$missing; install with: sudo apt-get install$$missing" >&2; fi
 
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./start_gunicorn.sh $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: setup browser
+test: setup system-tools
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
