@@ -51,6 +51,10 @@ class DeadlineExceeded(Exception):
     """A generation ran past its request's deadline."""
 
 
+class ClientGone(Exception):
+    """The client that asked for a generation disconnected before its answer."""
+
+
 @dataclass
 class GenerationStream:
     """The updates of one prompt's generation, in order, as the engine produces them.
@@ -79,14 +83,29 @@ class GenerationStream:
     def __iter__(self) -> Iterator[ChoiceUpdate]:
         return self.updates()
 
-    def updates(self, deadline: float | None = None) -> Iterator[ChoiceUpdate]:
-        """The updates until every choice finished; past `deadline` (time.monotonic) raises DeadlineExceeded."""
+    def updates(self, deadline: float | None = None, still_wanted: Callable[[], bool] | None = None
+                ) -> Iterator[ChoiceUpdate]:
+        """The updates until every choice finished; past `deadline` (time.monotonic) raises DeadlineExceeded, and
+        when `still_wanted()` (asked about once a second while waiting) says no, ClientGone."""
         open_choices = self.choices
+        next_check = time.monotonic() + 1.0
         while open_choices:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if still_wanted is not None:
+                wait = 1.0 if wait is None else min(wait, 1.0)
             try:
-                item = self._updates.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                item = self._updates.get(timeout=wait)
             except queue.Empty:
-                raise DeadlineExceeded() from None
+                item = None
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise DeadlineExceeded()
+            if still_wanted is not None and now >= next_check:
+                next_check = now + 1.0
+                if not still_wanted():
+                    raise ClientGone()
+            if item is None:
+                continue
             if item is _END:
                 return
             if isinstance(item, BaseException):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from engine import ChoiceUpdate, Engine, TokenLogprob
 from metrics import RequestStats
@@ -71,11 +71,13 @@ class TextGeneration:
     """One prompt's generation as text. Starting it submits it to the engine; iterate for deltas or `collect()`."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                 stats: RequestStats | None = None, deadline: float | None = None):
+                 stats: RequestStats | None = None, deadline: float | None = None,
+                 still_wanted: Callable[[], bool] | None = None):
         self.params = params
         self.prompt_ids = prompt_ids
         self._stats = stats
         self._deadline = deadline  # time.monotonic() past which the generation is stopped
+        self._still_wanted = still_wanted  # False once the client has gone: the generation is stopped
         self._started = time.monotonic()
         self._last_tokens_at: dict[int, float] = {}  # per choice
         if stats is not None:
@@ -88,7 +90,7 @@ class TextGeneration:
 
     def __iter__(self) -> Iterator[TextDelta]:
         try:
-            for update in self._stream.updates(self._deadline):
+            for update in self._stream.updates(self._deadline, self._still_wanted):
                 if update.finish_reason is not None:
                     self._engine_open -= 1
                 self._report_tokens(update)

@@ -6,6 +6,8 @@ Routes live in native_api.py (/infer, /generate) and openai_api.py (/v1); the ap
 from __future__ import annotations
 
 import json
+import socket
+from typing import Callable
 
 from flask import Response, current_app, g, jsonify, request
 
@@ -27,8 +29,26 @@ def request_stats() -> RequestStats:
 
 
 def start_generation(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> TextGeneration:
-    """A generation for this request: counted in its stats and stopped at its deadline."""
-    return TextGeneration(engine, prompt_ids, params, request_stats(), deadline())
+    """A generation for this request: counted in its stats, stopped at its deadline or when the client leaves."""
+    return TextGeneration(engine, prompt_ids, params, request_stats(), deadline(), _connection_open_check())
+
+
+def _connection_open_check() -> Callable[[], bool] | None:
+    """Whether the client is still connected, from a peek at its socket (gunicorn passes it in the environ):
+    an orderly close or a reset reads as gone; no data or a pipelined request as still there."""
+    connection = request.environ.get("gunicorn.socket")
+    if connection is None:
+        return None
+
+    def still_open() -> bool:
+        try:
+            return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    return still_open
 
 
 def check_prompt_count(count: int) -> None:

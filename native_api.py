@@ -13,7 +13,7 @@ import logging
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from engine import DeadlineExceeded
+from engine import ClientGone, DeadlineExceeded
 from generation import TextGeneration
 from guards import admit
 from http_common import (
@@ -58,6 +58,8 @@ def _infer_lines(generations: list[TextGeneration]):
                     yield json.dumps(line) + "\n"
     except (DeadlineExceeded, RequestError) as error:  # the status is sent already: the error is the last line
         yield json.dumps(error_body(error)) + "\n"
+    except ClientGone:
+        return
     finally:  # the client left: nothing it asked for keeps running
         for generation in generations:
             generation.cancel()
@@ -98,6 +100,8 @@ def _text_chunks(generation: TextGeneration):
                 yield delta.text
     except DeadlineExceeded:
         log.warning("/generate stream stopped at its deadline")  # plain text has no place for an error
+    except ClientGone:
+        return
     finally:  # the client left: its generation stops
         generation.cancel()
 

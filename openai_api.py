@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine import DeadlineExceeded, Engine, TokenLogprob
+from engine import ClientGone, DeadlineExceeded, Engine, TokenLogprob
 from generation import TextGeneration
 from guards import admit
 from http_common import (
@@ -348,6 +348,8 @@ def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> 
                 yield f"data: {json.dumps(event)}\n\n"
         except (DeadlineExceeded, RequestError) as error:  # the status is sent already: an error event instead
             yield f"data: {json.dumps(error_body(error))}\n\n"
+        except ClientGone:
+            return
         finally:  # the client left (or the stream ended): nothing it asked for keeps running
             for generation in generations:
                 generation.cancel()

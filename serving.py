@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 import metrics
 import systemd_notify
 from dispatcher import pinned_slice_label
-from engine import DeadlineExceeded, Engine
+from engine import ClientGone, DeadlineExceeded, Engine
 from guards import install_guards
 from http_common import ENGINE_KEY, EngineLoading, error_response, request_error_response
 from monitor import monitor
@@ -132,6 +132,11 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     @app.errorhandler(DeadlineExceeded)
     def refused(error: Exception):
         return request_error_response(error)
+
+    @app.errorhandler(ClientGone)
+    def client_gone(error: ClientGone):
+        # Nobody reads this answer; the status (nginx's "client closed request") is for the access line.
+        return error_response(499, "the client disconnected; its generation was stopped", "client_closed_request")
 
     @app.errorhandler(EngineLoading)
     def still_loading(error: EngineLoading):

@@ -52,6 +52,7 @@ def main() -> None:
     command = [str(ROOT / "start_gunicorn.sh"), "--infer_type", options.infer_type, "--cpu-workers",
                str(options.workers), "--port", str(port), "--max-waiting", str(options.concurrency)]
     print("$", " ".join(command), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: still stop the server
     log = open("/tmp/soak-server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})

@@ -24,8 +24,8 @@ def server(start_server, tmp_path_factory):
     return server
 
 
-def post(server, path, body, headers=AUTH, **kwargs):
-    return requests.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kwargs)
+def post(server, path, body, headers=AUTH, timeout=60, **kwargs):
+    return requests.post(f"{server.url}{path}", json=body, headers=headers, timeout=timeout, **kwargs)
 
 
 @pytest.mark.parametrize("path, body", [
@@ -128,3 +128,11 @@ def wait_until_idle(server):
     while requests.get(f"{server.url}/ready", timeout=10).json()["running"]:
         assert time.monotonic() < deadline, "the stopped generation kept running"
         time.sleep(0.2)
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(server):
+    with pytest.raises(requests.Timeout):
+        post(server, "/infer", {"instances": ["Once upon a time"], "params": {"max_tokens": 4000, "ignore_eos": True}},
+             timeout=3)  # the client leaves long before 4000 tokens
+    wait_until_idle(server)
+    assert '"status": 499' in server.log()  # the access line says the client closed the request
