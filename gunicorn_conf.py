@@ -19,12 +19,15 @@ WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the ma
 settings = load_settings()
 # Every worker's metrics go to files in one directory per server (prometheus_client's multiprocess mode); it must
 # exist, empty, before anything imports prometheus_client, and the workers inherit it.
-_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-if _own_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gunicorn-llm-metrics-")
-else:
-    for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
-        os.unlink(stale.path)
+# gunicorn runs this file again on every HUP, in the same master: only its first run sets the directory up.
+if os.environ.get("GUNICORN_LLM_CONFIG_PID") != str(os.getpid()):
+    os.environ["GUNICORN_LLM_CONFIG_PID"] = str(os.getpid())
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gunicorn-llm-metrics-")
+        os.environ["GUNICORN_LLM_OWNS_METRICS_DIR"] = "1"  # made here, so removed at exit
+    else:
+        for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+            os.unlink(stale.path)
 dispatcher = GPUDispatcher(
     cut_slices(
         discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers),
@@ -41,7 +44,7 @@ workers = dispatcher.worker_count
 systemd_notify.prepare(workers)
 # gthread: requests run on a thread pool while the main thread keeps heart-beating, so a long generation is never
 # mistaken for a hung worker; the engine batches what the threads submit.
-worker_class = "gthread"
+worker_class = "draining_worker.DrainingThreadWorker"  # gthread, closing its listeners when it starts to drain
 threads = settings.threads
 timeout = settings.worker_timeout
 graceful_timeout = settings.worker_timeout
@@ -87,5 +90,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
+    if os.environ.get("GUNICORN_LLM_OWNS_METRICS_DIR"):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
