@@ -146,7 +146,10 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        return error_response(error.code or 500, error.description or error.name, _error_type(error.code))
+        response, status = error_response(error.code or 500, error.description or error.name, _error_type(error.code))
+        # Keep what the error says beyond its body (a 405's Allow), not its HTML content type.
+        response.headers.update({k: v for k, v in error.get_headers() if k.lower() != "content-type"})
+        return response, status
 
     @app.errorhandler(Exception)
     def engine_failure(error: Exception):
