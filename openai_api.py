@@ -33,6 +33,8 @@ _warned_keys: set[str] = set()
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 

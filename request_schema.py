@@ -26,6 +26,9 @@ class RequestError(ValueError):
         self.headers = headers or {}
 
 
+GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
+
+
 class SamplingParams(BaseModel):
     """How to generate, for every instance of a request. Immutable and hashable, so equal params batch together."""
 
@@ -34,8 +37,8 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=64, description="completions per instance")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 is greedy")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 (or below 1e-5, as in vLLM) is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0: no top-k cut")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -70,6 +73,12 @@ class SamplingParams(BaseModel):
         if value is not None and any(text == "" for text in value):
             raise ValueError("stop strings must not be empty")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float) -> float:
+        # Dividing logits by a temperature this small overflows them; vLLM treats it as greedy too.
+        return 0.0 if value < GREEDY_BELOW else value
 
     @property
     def is_greedy(self) -> bool:
