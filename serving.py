@@ -30,7 +30,8 @@ from native_api import native
 from openai_api import openai_api
 from openapi_spec import openapi_json
 from request_schema import RequestError
-from server_settings import ServerSettings
+from model_store import EMBEDDED_MODEL_NAME, resolve_model
+from server_settings import ServerSettings, load_settings
 
 log = logging.getLogger("gunicorn.error")
 
@@ -62,6 +63,19 @@ class EngineSlot:
 
     def wait(self, timeout_s: float) -> Engine | None:
         return self.engine if self._ready.wait(timeout_s) else None
+
+
+def app_for(engine_class: type) -> Flask:
+    """The WSGI app of a backend module: its engine, built in the worker from the settings, behind create_app."""
+    settings = load_settings()
+
+    def build_engine() -> Engine:
+        model_path = settings.model_path or str(resolve_model(settings.model_name))
+        name = settings.model_name or EMBEDDED_MODEL_NAME
+        log.info("worker %s: loading %s from %s", os.getpid(), name, model_path)
+        return engine_class(model_path, name, settings)
+
+    return create_app(build_engine, settings)
 
 
 def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> Flask:

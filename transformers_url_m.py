@@ -43,10 +43,9 @@ from transformers import (
 )
 
 from engine import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogprob, wait_for
-from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
-from server_settings import ServerSettings, load_settings
-from serving import create_app
+from server_settings import ServerSettings
+from serving import app_for
 from transformers_continuous import ContinuousBatching
 
 log = logging.getLogger("gunicorn.error")
@@ -358,11 +357,4 @@ def _chunks_within(encoded: list[list[int]], token_budget: int):
         yield chunk
 
 
-def build_engine() -> TransformersEngine:
-    settings = load_settings()
-    model_path = settings.model_path or str(resolve_model(settings.model_name))
-    log.info("worker %s: loading %s from %s", os.getpid(), settings.model_name or EMBEDDED_MODEL_NAME, model_path)
-    return TransformersEngine(model_path, settings.model_name or EMBEDDED_MODEL_NAME, settings)
-
-
-app = create_app(build_engine, load_settings())
+app = app_for(TransformersEngine)

@@ -24,10 +24,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine import ChoiceUpdate, DeadlineExceeded, Engine, GenerationStream, TokenLogprob, wait_for
-from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from request_schema import SamplingParams
-from server_settings import ServerSettings, load_settings
-from serving import create_app
+from server_settings import ServerSettings
+from serving import app_for
 
 log = logging.getLogger("gunicorn.error")
 
@@ -217,11 +216,4 @@ def _token_logprob(token: int, entry: dict, top: int) -> TokenLogprob:
     return TokenLogprob(token, entry[token].logprob, tuple(ranked[:top]))
 
 
-def build_engine() -> VLLMEngine:
-    settings = load_settings()
-    model_path = settings.model_path or str(resolve_model(settings.model_name))
-    log.info("worker %s: loading %s from %s", os.getpid(), settings.model_name or EMBEDDED_MODEL_NAME, model_path)
-    return VLLMEngine(model_path, settings.model_name or EMBEDDED_MODEL_NAME, settings)
-
-
-app = create_app(build_engine, load_settings())
+app = app_for(VLLMEngine)

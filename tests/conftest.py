@@ -46,6 +46,17 @@ def plain_generate(reference_model, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def direct_prompt_logprobs(reference_model, prompt: str):
+    """log P(token_i | tokens before it) for every prompt token after the first, from one plain forward pass."""
+    import torch
+
+    tokenizer, model = reference_model
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids).logits.float()
+    return torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from conftest import plain_generate
+from conftest import direct_prompt_logprobs, plain_generate
 
 LOGPROB_TOLERANCE = 5e-4
 PROMPTS = [
@@ -73,13 +73,9 @@ def test_greedy_answers_equal_plain_generate(server, reference_model):
 
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):
-    tokenizer, model = reference_model
     for prompt, answer in zip(PROMPTS, server.infer(PROMPTS, prompt_logprobs=0)):
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            logits = model(ids).logits.float()
-        direct = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        assert len(answer) == ids.shape[1] - 1
+        direct = direct_prompt_logprobs(reference_model, prompt)
+        assert len(answer) == len(direct)
         assert torch.allclose(torch.tensor(answer), direct, atol=LOGPROB_TOLERANCE, rtol=0)
 
 
