@@ -16,6 +16,9 @@ STAMP := $(VENV)/.installed
 # System tools some tests drive, from Debian's packages: headless Chromium and chromedriver for the monitor page
 # (tests/test_monitor_page.py), systemd-analyze and systemd-sysusers for the unit (tests/test_systemd.py).
 SYSTEM_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/systemd-analyze:systemd
+# A throwaway local Slurm cluster (munge, slurmctld, slurmd, sbatch) and nginx in front (tests/test_cluster.py).
+SYSTEM_TOOLS += /usr/sbin/munged:munge /usr/sbin/slurmctld:slurmctld /usr/sbin/slurmd:slurmd
+SYSTEM_TOOLS += /usr/bin/sbatch:slurm-client /usr/sbin/nginx:nginx
 
 .PHONY: setup system-tools run test clean
 
