@@ -31,6 +31,7 @@ from model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- vllm-servers:begin -->", "<!-- vllm-servers:end -->"
 MAX_MODEL_LEN = "2048"
+OURS, THEIRS = "this server (vLLM backend)", "vLLM OpenAI server"
 DTYPE = "float32"  # this server's CPU default (see docs/benchmarks.md); vLLM's server is given the same
 
 
@@ -58,11 +59,11 @@ def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[str, subprocess
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     ours_port, theirs_port = free_port(), free_port()
     commands = {
-        "this server (vLLM backend)": [
+        OURS: [
             str(ROOT / "start_gunicorn.sh"), "--infer_type", "vllm", "--cpu-workers", "1", "--port", str(ours_port),
             "--max-model-len", MAX_MODEL_LEN, "--dtype", DTYPE, "--enforce-eager",
         ],
-        "vLLM OpenAI server": [
+        THEIRS: [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", EMBEDDED_MODEL_NAME, "--port", str(theirs_port), "--host", "127.0.0.1",
             "--max-model-len", MAX_MODEL_LEN, "--dtype", DTYPE, "--enforce-eager",
@@ -133,7 +134,7 @@ def main() -> None:
 
 
 def render(runs: dict[tuple[str, int], list[dict]], options) -> str:
-    names = sorted({name for name, _ in runs}, reverse=True)  # this server first
+    names = [OURS, THEIRS]
     lines = [
         "| concurrency | server | output tok/s | median TTFT (ms) | median TPOT (ms) | ratio (this / vLLM) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -144,10 +145,10 @@ def render(runs: dict[tuple[str, int], list[dict]], options) -> str:
             results = runs[(name, concurrency)]
             medians[name] = {key: statistics.median(r[key] for r in results)
                              for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms")}
-        ours, theirs = medians[names[0]], medians[names[1]]
+        ours, theirs = medians[OURS], medians[THEIRS]
         for name in names:
             m = medians[name]
-            ratio = f"{ours['output_throughput'] / theirs['output_throughput']:.2f}" if name == names[0] else ""
+            ratio = f"{ours['output_throughput'] / theirs['output_throughput']:.2f}" if name == OURS else ""
             lines.append(f"| {concurrency} | {name} | {m['output_throughput']:.1f} | {m['median_ttft_ms']:.0f} "
                          f"| {m['median_tpot_ms']:.0f} | {ratio} |")
     lines.append("")

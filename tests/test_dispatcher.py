@@ -31,6 +31,7 @@ from dispatcher import (
     discover_devices,
     pin_slice,
     pinned_slice_label,
+    vllm_compute_cores,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -448,3 +449,19 @@ def test_pin_cpu_slice_hides_every_gpu(clean_cuda_env):
     pin_slice(Slice(1, (Device(key="cpu:x:1", label="cpu1", pin=""),)))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
     assert os.environ["GPU_SLICE"] == "cpu1"
+
+
+def test_a_cpu_worker_with_several_cores_keeps_one_free_of_vllm_compute_threads(clean_cuda_env, monkeypatch):
+    """vLLM's OpenMP threads get all of the slice's cores but one; the worker's Python threads run on that one
+    (docs/benchmarks.md: sharing them made decode steps 2-3x slower). A one-core slice computes on its core."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    try:
+        pin_slice(Slice(1, (Device(key="cpu:x:1", label="cpu1", pin=""),), cpu_threads=len(cores), cpu_cores=cores))
+        assert os.sched_getaffinity(0) == set(cores)  # the process keeps every core of its slice
+        expected = cores[:-1] if len(cores) > 1 else cores
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, expected))
+        assert vllm_compute_cores((3,)) == (3,) and vllm_compute_cores((4, 5, 6)) == (4, 5)
+    finally:
+        os.sched_setaffinity(0, cores)
