@@ -10,7 +10,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -52,7 +51,7 @@ def up(state_dir: StateDir, request: UpRequest, options: WatchOptions, stop: thr
         Nginx(state_dir.nginx, state.proxy).apply([])  # answers 503 until a server is ready
         state_dir.record("up", nodes=[node.name for node in state.nodes], listen=state.proxy.listen)
         starting = Watcher(state_dir, dataclasses.replace(options, interval_s=min(options.interval_s, UP_POLL_S)),
-                           fail_fast=True)
+                           bringing_up=True)
         state = starting.run(stop, until=_all_serving, timeout_s=options.start_timeout_s)
         if not _all_serving(state):
             raise ClusterError("interrupted before every server was ready; took everything down again", 1)
@@ -175,6 +174,19 @@ def _is_watcher(pid: int | None) -> bool:
         return False
 
 
+def _ended(process: psutil.Process, timeout_s: float) -> bool:
+    """Wait until the process has exited (a zombie its parent has not reaped yet counts: it runs no more)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def status(state_dir: StateDir) -> str:
     """The cluster as a short report: nginx, the watcher, every server with Slurm's and its own view, last events."""
     state = _existing(state_dir)
@@ -205,10 +217,10 @@ def down(state_dir: StateDir) -> list[str] | None:
     if state is None:
         return None
     if state.watcher_pid not in (None, os.getpid()) and _is_watcher(state.watcher_pid):
-        os.kill(state.watcher_pid, signal.SIGTERM)  # it finishes its tick and exits
-        _gone, alive = psutil.wait_procs([psutil.Process(state.watcher_pid)], timeout=WATCHER_STOP_TIMEOUT_S)
-        for process in alive:
-            process.kill()
+        watcher = psutil.Process(state.watcher_pid)
+        watcher.terminate()  # it finishes its tick and exits
+        if not _ended(watcher, WATCHER_STOP_TIMEOUT_S):
+            watcher.kill()
     with state_dir.locked():
         state = _existing(state_dir)
         job_ids = [server.job_id for server in state.servers]

@@ -44,11 +44,12 @@ class WatchOptions:
 
 
 class Watcher:
-    def __init__(self, state_dir: StateDir, options: WatchOptions, fail_fast: bool = False):
-        """`fail_fast` (for `up`): a server that fails to start is an error (bad options, most likely), not retried."""
+    def __init__(self, state_dir: StateDir, options: WatchOptions, bringing_up: bool = False):
+        """`bringing_up` (for `up`): a server that fails to start is an error (bad options, most likely), not retried,
+        and nothing is recycled."""
         self.state_dir = state_dir
         self.options = options
-        self.fail_fast = fail_fast
+        self.bringing_up = bringing_up
 
     def run(self, stop: threading.Event, until: Callable[[ClusterState], bool] | None = None,
             timeout_s: float | None = None) -> ClusterState:
@@ -62,7 +63,7 @@ class Watcher:
                 try:
                     self.tick(state)
                 except ClusterError as error:
-                    if self.fail_fast:
+                    if self.bringing_up:
                         raise
                     self.state_dir.record("error", message=str(error))  # Slurm or nginx hiccup: next tick retries
                 finally:
@@ -80,7 +81,8 @@ class Watcher:
         for server in list(state.servers):
             self._follow(state, server, jobs.get(server.job_id))
         self._fill(state)
-        self._recycle(state)
+        if not self.bringing_up:
+            self._recycle(state)
         self._apply_upstreams(state)
 
     # --- one server ------------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class Watcher:
                                   job=server.job_id, job_state=job_state)
 
     def _start_failed(self, state: ClusterState, server: Server, what: str) -> None:
-        if self.fail_fast:
+        if self.bringing_up:
             raise ClusterError(f"the server on {server.node} (job {server.job_id}) {what}; its log "
                                f"({self.state_dir.job_log(server.node, server.job_id)}) ends: "
                                f"{server_job.log_tail(self.state_dir, server)}", 1)
@@ -173,13 +175,20 @@ class Watcher:
         for node in self._free_nodes(state)[: max(0, state.servers_wanted - len(live))]:
             server_job.submit(self.state_dir, state, node)
 
-    def _recycle_at(self, server: Server) -> float | None:
-        """When a serving server is due for a planned recycle; None if never."""
+    def _recycle_due(self, server: Server) -> tuple[float, str] | None:
+        """When a serving server is due for a planned recycle, and why; None if never."""
         due = []
         if self.options.lifetime_s > 0:
-            due.append(server.serving_since + self.options.lifetime_s + server.recycle_draw * self.options.jitter_s)
-        if server.job_ends is not None:  # drained and gone before Slurm's time limit kills it
-            due.append(server.job_ends - self.options.drain_timeout_s - 2 * self.options.interval_s)
+            jitter = server.recycle_draw * self.options.jitter_s
+            due.append((server.serving_since + self.options.lifetime_s + jitter, "lifetime"))
+        if server.job_ends is not None:
+            # Gone before Slurm's time limit kills it: time for a replacement to start (as long as this one took),
+            # the drain and two checks. But not in its first half of serving: a time limit too short for that would
+            # otherwise recycle servers as fast as they start.
+            start_s = server.serving_since - server.submitted_at
+            margin = start_s + self.options.drain_timeout_s + 2 * self.options.interval_s
+            halfway = (server.serving_since + server.job_ends) / 2
+            due.append((max(server.job_ends - margin, halfway), "time limit"))
         return min(due, default=None)
 
     def _recycle(self, state: ClusterState) -> None:
@@ -187,17 +196,18 @@ class Watcher:
         if not steady or len(state.servers) < state.servers_wanted:
             return
         now = time.time()
-        due = sorted((at, s.job_id) for s in state.servers if (at := self._recycle_at(s)) is not None and at <= now)
+        due = sorted((*when, s.job_id) for s in state.servers if (when := self._recycle_due(s)) and when[0] <= now)
         if not due:
             return
-        server = state.server(due[0][1])
+        _, why, job_id = due[0]
+        server = state.server(job_id)
         free = self._free_nodes(state)
+        target = free[0].name if free else server.node
+        self.state_dir.record("recycling", node=server.node, job=server.job_id, why=why, replacement_on=target)
         if free:
             server.retiring = True
-            self.state_dir.record("recycling", node=server.node, job=server.job_id, replacement_on=free[0].name)
             server_job.submit(self.state_dir, state, free[0], replaces=server.job_id)
         else:
-            self.state_dir.record("recycling", node=server.node, job=server.job_id, replacement_on=server.node)
             self._drain(server, "planned recycle")
 
     def _apply_upstreams(self, state: ClusterState) -> None:

@@ -342,3 +342,55 @@ def test_down_ends_every_job_and_nginx(cluster):
         requests.get(f"{cluster.url}/health", timeout=5)
     status = cluster_command(cluster.slurm, cluster.state_dir, "status")
     assert status.returncode == 2 and "no cluster is up" in status.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A free node: recycling without losing capacity
+
+
+def test_with_a_free_node_a_recycle_starts_the_replacement_before_draining(slurm, tmp_path):
+    """One server on the two nodes of a reservation, jobs with a 2-minute time limit: well before the limit the
+    watcher starts a replacement on the free node, and the old server drains only once that one serves. `down` also
+    stops the watcher."""
+    slurm.run("scontrol", "create", "reservation", "reservationname=serving", "users=root", "nodes=n[1-2]",
+              "starttime=now", "duration=30", "flags=ignore_jobs")
+    listen, port = f"127.0.0.1:{free_port()}", free_port()
+    up = cluster_command(slurm, tmp_path, "up", "--reservation", "serving", "--servers", "1", "--time", "2",
+                         "--bind", "node", "--port", str(port), "--listen", listen, "--interval", "1",
+                         "--start-timeout", str(START_TIMEOUT_S), "--", *LAUNCHER_OPTIONS, timeout_s=START_TIMEOUT_S + 60)
+    assert up.returncode == 0, up.stdout + up.stderr
+    cluster = Cluster(slurm, tmp_path, listen, port)
+    try:
+        (old,) = cluster.state()["servers"]
+        assert "Reservation=serving" in slurm.run("scontrol", "show", "job", old["job_id"])
+        free_node = next(node for node in NODES if node != old["node"])
+        mark = len(cluster.events())
+        # Due halfway to the time limit (120 s): the limit less the drain timeout (100 s) would be earlier. The load
+        # starts with the recycle, which it is there to watch.
+        with watching(cluster, "--drain-timeout", "100") as watcher:
+            cluster.wait_for_event(lambda e: e["event"] == "recycling", 90, after=mark)
+            with Load(cluster.url, clients=2, max_tokens=8, timeout_s=60, max_s=300) as load:
+                cluster.wait_for_event(lambda e: e["event"] == "ended" and e["job"] == old["job_id"],
+                                       START_TIMEOUT_S, after=mark)
+                outcomes = load.stop()
+            down = cluster_command(slurm, tmp_path, "down", timeout_s=180)
+            assert down.returncode == 0, down.stdout + down.stderr
+            assert watcher.poll() is not None, "`down` left the watcher running"
+    finally:
+        cluster_command(slurm, tmp_path, "down", timeout_s=180)
+    events = cluster.events()[mark:]
+    print(f"\nrecycle onto a free node before the time limit, under load (2 clients): {len(outcomes)} requests, "
+          f"{summary(outcomes)}")
+    assert outcomes and all(o.ok for o in outcomes), summary(outcomes)
+
+    def index(event: str, **fields) -> int:
+        return next(i for i, e in enumerate(events) if e["event"] == event and fields.items() <= e.items())
+
+    recycling = index("recycling", job=old["job_id"], why="time limit", replacement_on=free_node)
+    submitted = index("submitted", replaces=old["job_id"], node=free_node)
+    new_job = events[submitted]["job"]
+    assert recycling < submitted < index("serving", job=new_job) < index("draining", job=old["job_id"]), events
+    # Capacity never dropped: one reload switched nginx from the old server to the new one, already serving.
+    nginx_sets = [e["upstreams"] for e in events if e["event"] == "nginx"]
+    assert all(nginx_sets) and nginx_sets[0] == [cluster.upstream[free_node]], nginx_sets
+    assert not slurm.live_jobs()
