@@ -95,6 +95,8 @@ class Watcher:
         if server.phase == STOPPING:
             return
         if job.state in slurm.ENDING_STATES:
+            if server.phase == STARTING:
+                self._start_failed(state, server, f"ended before it was ready (job {job.state})")
             self._stopping(server, f"its job is {job.state}", cancel=False)
         elif server.phase == STARTING and job.running:
             reason = probe.not_ready_to_join(server.url, self.options.check_timeout_s)
@@ -211,10 +213,14 @@ class Watcher:
             self._drain(server, "planned recycle")
 
     def _apply_upstreams(self, state: ClusterState) -> None:
-        """nginx serves exactly the serving servers; a draining one's clock starts once nginx no longer sends to it."""
+        """nginx serves exactly the serving servers (and runs: a dead nginx is started again); a draining server's
+        clock starts once nginx no longer sends to it."""
         upstreams = sorted(s.upstream for s in state.servers if s.phase == SERVING)
-        if upstreams != state.upstreams:
-            Nginx(self.state_dir.nginx, state.proxy).apply(upstreams)
+        nginx = Nginx(self.state_dir.nginx, state.proxy)
+        if upstreams != state.upstreams or nginx.pid() is None:
+            if nginx.pid() is None and state.upstreams:
+                self.state_dir.record("nginx_restart", why="nginx was not running")
+            nginx.apply(upstreams)
             state.upstreams = upstreams
             self.state_dir.record("nginx", upstreams=upstreams)
         for server in state.servers:

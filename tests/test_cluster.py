@@ -10,9 +10,12 @@ in front. In order:
   arrives as it is generated; each job asked for its node's GPU;
 - under load, one server is killed (SIGKILL, master and worker): requests that start after the kill are all
   answered (by the other server), the watcher resubmits the dead one, and it serves through nginx again;
+- nginx killed: the watcher starts it again;
 - under steady load, the watcher recycles both servers (lifetime of seconds): drained out of nginx, scancel'ed,
   replaced, one at a time, and no request fails;
-- `down` ends every job and nginx and forgets the cluster.
+- `down` ends every job and nginx and forgets the cluster;
+- then one server on the two nodes of a reservation, with a 2-minute job time limit: ahead of the limit the watcher
+  starts the replacement on the free node, and the old server drains only once it serves (no capacity lost).
 
 Every wait is bounded; the figures (time to rejoin, requests and failures during the recycles) are printed.
 """
@@ -217,6 +220,11 @@ def test_requests_through_nginx_reach_both_servers(cluster):
     for node in NODES:  # Slurm gave every job its node's GPU (a /dev/null stand-in here)
         job = cluster.slurm.run("scontrol", "show", "job", cluster.serving_job(node))
         assert f"NodeList={node}" in job and "gres:gpu:1" in job, job
+    status = cluster_command(cluster.slurm, cluster.state_dir, "status")
+    assert status.returncode == 0, status.stderr
+    for node in NODES:
+        line = next(line for line in status.stdout.splitlines() if line.startswith(f"{node} "))
+        assert line.split()[3:] == ["RUNNING", "serving", "ready"], status.stdout
 
 
 def test_a_stream_through_nginx_is_not_buffered(cluster):
@@ -263,11 +271,25 @@ def test_a_killed_server_is_routed_around_resubmitted_and_rejoins(cluster):
     after_kill = [o for o in outcomes if o.started > killed_at]
     at_kill = [o for o in outcomes if o.started <= killed_at < o.ended]
     how = noticed.get("why") or f"its job {noticed['job_state']}"
+    # Requests nginx passed on from the dead server to the other (the access log lists both upstreams).
+    passed_on = (cluster.state_dir / "nginx" / "access.log").read_text().count(f"upstream={cluster.upstream['n1']}, ")
     print(f"\nkill -9 of n1's server: noticed ({how}) after {noticed['time'] - killed_at_wall:.1f} s, resubmitted, "
           f"serving through nginx again after {rejoined_s:.1f} s; "
           f"{len(after_kill)} requests started after the kill: {summary(after_kill)}; "
-          f"{len(at_kill)} in flight at the kill: {summary(at_kill)}")
+          f"{len(at_kill)} in flight at the kill: {summary(at_kill)}; {passed_on} passed on by nginx to n2")
     assert after_kill and all(o.ok for o in after_kill), summary(after_kill)
+
+
+def test_a_dead_nginx_is_started_again(cluster):
+    master = psutil.Process(cluster.nginx_pid())
+    with watching(cluster):
+        mark = len(cluster.events())
+        for process in [master, *master.children()]:
+            process.kill()
+        cluster.wait_for_event(lambda e: e["event"] == "nginx_restart", 30, after=mark)
+        response = infer(cluster.url)
+    assert response.status_code == 200, response.text
+    assert cluster.nginx_pid() != master.pid
 
 
 # ---------------------------------------------------------------------------------------------------------------
