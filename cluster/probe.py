@@ -60,5 +60,8 @@ def in_flight(base_url: str, timeout_s: float) -> int | None:
         return None
     if status != 200:
         return None
-    return round(sum(sample.value for family in text_string_to_metric_families(body.decode())
-                     if family.name in IN_FLIGHT_METRICS for sample in family.samples))
+    try:
+        return round(sum(sample.value for family in text_string_to_metric_families(body.decode(errors="replace"))
+                         if family.name in IN_FLIGHT_METRICS for sample in family.samples))
+    except ValueError:  # not Prometheus' text format: something else answers there
+        return None
