@@ -6,6 +6,7 @@ Routes live in native_api.py (/infer, /generate) and openai_api.py (/v1); the ap
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Callable
 
@@ -17,6 +18,8 @@ from metrics import RequestStats
 from request_schema import RequestError, SamplingParams
 
 ENGINE_KEY = "llm_engine_slot"
+
+log = logging.getLogger("gunicorn.error")
 
 
 class EngineLoading(Exception):
@@ -62,17 +65,22 @@ def deadline() -> float:
     return request_stats().started + current_app.config["REQUEST_TIMEOUT"]
 
 
-def as_request_error(error: Exception) -> RequestError:
-    """A past deadline as the 504 the client gets; other request errors as they are."""
+def as_http_error(error: Exception) -> RequestError:
+    """What the client is told of an error: a request error as it is, a past deadline as a 504, anything else (the
+    engine failed mid-generation) as a 500 that names it, logged with its traceback."""
+    if isinstance(error, RequestError):
+        return error
     if isinstance(error, DeadlineExceeded):
         return RequestError(f"the request took longer than its {current_app.config['REQUEST_TIMEOUT']:g} s "
                             "deadline; its generation was stopped", None, status=504, error_type="timeout_error")
-    return error
+    log.error("request %s %s failed", request.method, request.path, exc_info=error)
+    return RequestError(f"inference failed: {type(error).__name__}: {error}", None, status=500,
+                        error_type="internal_error")
 
 
 def error_body(error: Exception) -> dict:
-    """The error object of a request error (or a past deadline), for streams that can no longer change status."""
-    error = as_request_error(error)
+    """The error object of any error, for streams that can no longer change their status: their last line/event."""
+    error = as_http_error(error)
     return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.status}}
 
 
@@ -117,7 +125,7 @@ def error_response(status: int, message: str, error_type: str, param: str | None
 
 
 def request_error_response(error: Exception) -> tuple[Response, int]:
-    error = as_request_error(error)
+    error = as_http_error(error)
     response, status = error_response(error.status, error.message, error.error_type, error.param)
     response.headers.update(error.headers)
     return response, status

@@ -13,7 +13,7 @@ import logging
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from engine import ClientGone, DeadlineExceeded
+from engine import ClientGone
 from generation import TextGeneration
 from guards import admit
 from http_common import (
@@ -56,10 +56,10 @@ def _infer_lines(generations: list[TextGeneration]):
                     line = {"instance": instance, "choice": delta.choice, "text": delta.text,
                             "finish_reason": delta.finish_reason}
                     yield json.dumps(line) + "\n"
-    except (DeadlineExceeded, RequestError) as error:  # the status is sent already: the error is the last line
-        yield json.dumps(error_body(error)) + "\n"
     except ClientGone:
         return
+    except Exception as error:  # noqa: BLE001 - the status is sent already: the error is the last line
+        yield json.dumps(error_body(error)) + "\n"
     finally:  # the client left: nothing it asked for keeps running
         for generation in generations:
             generation.cancel()
@@ -73,7 +73,9 @@ def generate():
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: a non-empty string is required", "prompt")
-    stream = body.get("stream", False) is True or request.args.get("streaming", "").lower() in ("1", "true", "yes")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError("stream: a boolean is expected", "stream")
+    stream = body.get("stream", False) or request.args.get("streaming", "").lower() in ("1", "true", "yes")
     fields = {key: value for key, value in body.items() if key not in ("prompt", "stream")}
     _warn_ignored("/generate", sorted(set(fields) - set(SamplingParams.model_fields)))
     try:
@@ -98,10 +100,10 @@ def _text_chunks(generation: TextGeneration):
         for delta in generation:
             if delta.text:
                 yield delta.text
-    except DeadlineExceeded:
-        log.warning("/generate stream stopped at its deadline")  # plain text has no place for an error
     except ClientGone:
         return
+    except Exception as error:  # noqa: BLE001 - plain text has no place for an error: the log says it, the text ends
+        log.warning("/generate stream ended early: %s", error_body(error)["error"]["message"])
     finally:  # the client left: its generation stops
         generation.cancel()
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine import ClientGone, DeadlineExceeded, Engine, TokenLogprob
+from engine import ClientGone, Engine, TokenLogprob
 from generation import TextGeneration
 from guards import admit
 from http_common import (
@@ -348,10 +348,10 @@ def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> 
         try:
             for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
-        except (DeadlineExceeded, RequestError) as error:  # the status is sent already: an error event instead
-            yield f"data: {json.dumps(error_body(error))}\n\n"
         except ClientGone:
             return
+        except Exception as error:  # noqa: BLE001 - the status is sent already: an error event instead
+            yield f"data: {json.dumps(error_body(error))}\n\n"
         finally:  # the client left (or the stream ended): nothing it asked for keeps running
             for generation in generations:
                 generation.cancel()

@@ -13,6 +13,10 @@ A few adjustments say what the handlers do around the models, so the document de
 - The OpenAI requests' sampling fields are validated again as SamplingParams (openai_api._sampling_params):
   they carry SamplingParams' bounds here.
 - `stop` takes one string or a list; stop strings and prompts must not be empty.
+- `/infer` takes `"params": null` as the defaults; `/generate` streams for `"stream": true` and answers whole for any
+  other value.
+- Streams: `/v1` server-sent events are described one event at a time (OpenAPI 3.1's reading of a text/event-stream
+  `schema`), their data as JSON chunks; `/infer`'s NDJSON lines and `/generate`'s text as strings.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class GenerateRequest(SamplingParams):
     model_config = ConfigDict(strict=True, frozen=True, extra="allow", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="the text to continue")
-    stream: bool = Field(False, description="stream the text as chunked HTTP (also `?streaming=true`)")
+    # native_api.generate streams for `true` only and answers whole for any other value (it does not refuse one).
+    stream: Any = Field(False, description="`true`: stream the text as chunked HTTP (as does `?streaming=true`); "
+                                           "any other value answers whole")
     n: int = Field(1, ge=1, le=1, description="/generate answers one text; use /infer or /v1/completions for more")
     prompt_logprobs: None = Field(None, description="not on /generate; use /infer")
 
@@ -147,6 +153,29 @@ class ChatCompletionResponse(_Open):
     usage: Usage | None
 
 
+class ChatDelta(_Open):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Open):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Open):
+    """One server-sent event's data of a streamed `/v1/chat/completions` answer."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None
+
+
 class ModelCard(_Open):
     id: str
     object: Literal["model"]
@@ -187,8 +216,8 @@ class Workers(BaseModel):
 
 _MODELS: list[type[BaseModel]] = [
     InferRequest, SamplingParams, GenerateRequest, CompletionRequest, ChatCompletionRequest,
-    ErrorResponse, InferResponse, InferStreamLine, CompletionResponse, ChatCompletionResponse, ModelList, Health,
-    Ready, Workers,
+    ErrorResponse, InferResponse, InferStreamLine, CompletionResponse, ChatCompletionResponse, ChatCompletionChunk,
+    ModelList, Health, Ready, Workers,
 ]
 
 # openai_api._sampling_params: the OpenAI request fields validated again as these SamplingParams fields.
@@ -229,6 +258,12 @@ def _adjust(schemas: dict[str, dict]) -> None:
         stop = schemas[name]["properties"]["stop"]
         schemas[name]["properties"]["stop"] = _stop_schema(stop.get("description"))
     schemas["SamplingParams"]["description"] += " Keys the server does not know are ignored (with a warning)."
+    # request_schema.parse_infer_request: `"params": null` is the defaults (some clients send it).
+    params = schemas["InferRequest"]["properties"]["params"]
+    schemas["InferRequest"]["properties"]["params"] = {
+        "anyOf": [{"$ref": params.pop("$ref")}, {"type": "null"}], **params,
+        "description": "the sampling parameters; absent or null: the defaults",
+    }
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         properties = schemas[name]["properties"]
         for field, sampling_field in _OPENAI_AS_SAMPLING.items():
@@ -277,14 +312,14 @@ _HEADERS = {
 _COMMON_HEADERS = {name: {"$ref": f"#/components/headers/{name}"} for name in _HEADERS}
 
 _ERRORS = {
-    "400": ("BadRequest", "the request cannot be served as sent: malformed JSON, a missing or wrong field, a value "
-                          "out of range, a prompt plus max_tokens over the model's context, too many prompts"),
+    "400": ("BadRequest", ("the request cannot be served as sent: malformed JSON, a missing or wrong field, a value "
+                           "out of range, a prompt plus max_tokens over the model's context, too many prompts")),
     "401": ("Unauthorized", "no valid API key (only when the server was started with --api-key or --api-key-file)"),
     "404": ("NotFound", "the requested model is not the one this server serves"),
     "413": ("PayloadTooLarge", "the body is larger than --max-body-bytes"),
     "500": ("EngineFailure", "the engine failed on this request; the worker keeps serving"),
-    "503": ("Unavailable", "the worker's model is still loading, or the worker already holds --max-waiting requests "
-                           "waiting for their first token (both with Retry-After)"),
+    "503": ("Unavailable", ("the worker's model is still loading, or the worker already holds --max-waiting "
+                            "requests waiting for their first token (both with Retry-After)")),
     "504": ("Timeout", "the request took longer than --request-timeout"),
 }
 
@@ -316,6 +351,18 @@ def _json(name: str) -> dict:
 
 
 _TEXT = {"schema": {"type": "string"}}
+
+
+def _events(chunk: str) -> dict:
+    """Server-sent events: each one's data is a `chunk` as JSON (an ErrorResponse if the stream failed), the last
+    one's `[DONE]`. (OpenAPI 3.1 has a text/event-stream `schema` describe one event.)"""
+    data = {"type": "string", "if": {"const": "[DONE]"}, "else": {
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]},
+    }}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+
+
 _GENERATION_ERRORS = ("400", "401", "413", "500", "503", "504")
 _REQUEST_ID = {"$ref": "#/components/parameters/RequestId"}
 
@@ -349,7 +396,8 @@ def _paths() -> dict[str, dict]:
             "InferRequest",
             _ok("the texts, or the prompts' log-probabilities", {
                 **_json("InferResponse"),
-                "application/x-ndjson": {"schema": {"type": "string", "description": "InferStreamLine objects, one per line"}},
+                "application/x-ndjson": {"schema": {"type": "string",
+                                                    "description": "InferStreamLine objects, one per line"}},
             }),
             _GENERATION_ERRORS, "infer", "native",
         ),
@@ -368,7 +416,7 @@ def _paths() -> dict[str, dict]:
             "OpenAI completions",
             "With `stream: true`, server-sent events of CompletionResponse-shaped chunks ending with `data: [DONE]`.",
             "CompletionRequest",
-            _ok("the completions", {**_json("CompletionResponse"), "text/event-stream": _TEXT}),
+            _ok("the completions", {**_json("CompletionResponse"), "text/event-stream": _events("CompletionResponse")}),
             (*_GENERATION_ERRORS, "404"), "completions", "openai",
         ),
         "/v1/chat/completions": _post(
@@ -377,7 +425,8 @@ def _paths() -> dict[str, dict]:
             "`chat.completion.chunk` objects ending with `data: [DONE]`. Without max_tokens or "
             "max_completion_tokens the answer may fill the context.",
             "ChatCompletionRequest",
-            _ok("the chat completion", {**_json("ChatCompletionResponse"), "text/event-stream": _TEXT}),
+            _ok("the chat completion", {**_json("ChatCompletionResponse"),
+                                         "text/event-stream": _events("ChatCompletionChunk")}),
             (*_GENERATION_ERRORS, "404"), "chat_completions", "openai",
         ),
         "/v1/models": _get("The served model", _ok("the one model this server serves", _json("ModelList")),

@@ -167,8 +167,7 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
 
     @app.errorhandler(Exception)
     def engine_failure(error: Exception):
-        log.exception("request %s %s failed", request.method, request.path)
-        return error_response(500, f"inference failed: {type(error).__name__}: {error}", "internal_error")
+        return request_error_response(error)  # a 500 naming the error, logged with its traceback
 
     return app
 
