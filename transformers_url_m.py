@@ -131,6 +131,15 @@ class _StepObserver(StoppingCriteria):
         self.live_rows = done.count(False)
         return torch.tensor(done, device=input_ids.device)
 
+    def end_open_rows(self) -> None:
+        """Finish the rows generate() left open when it returned: their streams close, as "length" since no stop
+        token ended them."""
+        for row in self.rows:
+            if not row.done:
+                row.done = True
+                row.job.stream.publish(ChoiceUpdate(row.choice, [], None, "length"))
+        self.live_rows = 0
+
     def _logprobs(self, tokens: list[int]) -> list[TokenLogprob]:
         chosen = self.step_logprobs.gather(-1, torch.tensor(tokens, device=self.step_logprobs.device)[:, None])
         top_values, top_ids = self.step_logprobs.topk(max(self.params.logprobs, 1), dim=-1)
@@ -175,9 +184,10 @@ class TransformersEngine(Engine):
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         # Only the token ids stay: the checkpoint's sampling defaults must never leak into a request, and generate()
         # fills every setting a request leaves unset from this config.
+        # No eos_token_id either: generate() would stop a row at EOS by itself, also when the request ignores EOS;
+        # the step observer ends rows instead (each request's own stop tokens).
         self.model.generation_config = GenerationConfig(
             bos_token_id=self.model.generation_config.bos_token_id,
-            eos_token_id=list(self.eos_token_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
@@ -281,6 +291,13 @@ class TransformersEngine(Engine):
         prompt_width = inputs["input_ids"].shape[1]
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
         observer = self._observer = _StepObserver(rows, prompt_width, params, stop_ids, self)
+        try:
+            self._generate_with(observer, inputs, params, prompt_width)
+            observer.end_open_rows()  # whatever made generate() return early, no client waits for more
+        finally:  # an error goes to the rows' streams in _generate_group
+            self._observer = None
+
+    def _generate_with(self, observer: _StepObserver, inputs, params: SamplingParams, prompt_width: int) -> None:
         self.model.generate(
             **inputs,
             generation_config=GenerationConfig(
@@ -294,7 +311,6 @@ class TransformersEngine(Engine):
             logits_processor=self._sampling_processors(params, prompt_width, observer),
             stopping_criteria=StoppingCriteriaList([observer]),
         )
-        self._observer = None
 
     @staticmethod
     def _sampling_processors(params: SamplingParams, prompt_width: int, observer) -> LogitsProcessorList:

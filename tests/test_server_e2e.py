@@ -77,6 +77,24 @@ def test_max_tokens_bounds_the_answer(server, reference_model):
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
 
 
+def test_ignore_eos_generates_past_the_models_end_of_sequence(server):
+    """The model ends this answer with EOS after about 30 tokens; with ignore_eos it goes on to max_tokens, and the
+    answer comes back (generate() once stopped at EOS by itself, leaving the stream open: the client hung)."""
+    prompt = "The capital of France is"
+    natural = post_completion(server, prompt, max_tokens=48)
+    assert natural["choices"][0]["finish_reason"] == "stop" and natural["usage"]["completion_tokens"] < 48
+    forced = post_completion(server, prompt, max_tokens=48, ignore_eos=True)
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 48
+    assert forced["choices"][0]["text"].startswith(natural["choices"][0]["text"])
+
+
+def post_completion(server, prompt: str, **params) -> dict:
+    response = requests.post(f"{server.url}/v1/completions", json={"prompt": prompt, "temperature": 0, **params},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def test_every_response_names_its_worker_and_slice(server):
     response = requests.post(f"{server.url}/infer", json={"instances": ["Hi"], "params": {"max_tokens": 1}})
     assert server.slices[int(response.headers["X-Worker-Pid"])] == response.headers["X-GPU-Slice"]
