@@ -90,6 +90,11 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool | None = _setting(
         None, "ENFORCE_EAGER", "--enforce-eager", "vLLM without CUDA graphs or compilation (default: on CPU only)"
     )
+    cuda_graphs: bool = _setting(
+        False, "CUDA_GRAPHS", "--cuda-graphs",
+        "transformers engine on GPU: continuous batching replays CUDA graphs (captured at load and as new batch "
+        "shapes appear) instead of launching every kernel",
+    )
     threads: int = _setting(
         128, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
         ge=1, le=4096,

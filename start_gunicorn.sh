@@ -27,6 +27,8 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --quantization M           vLLM quantization method                         [QUANTIZATION]
   --gpu-memory-utilization F vLLM's share of each GPU's memory                [GPU_MEMORY_UTILIZATION=0.9]
   --enforce-eager            vLLM without CUDA graphs (default on CPU only)   [ENFORCE_EAGER]
+  --cuda-graphs              transformers' continuous batching with CUDA
+                             graphs, captured at load and as shapes appear    [CUDA_GRAPHS]
   --timeout S                seconds before a silent worker is killed; also
                              the graceful drain on stop                       [WORKER_TIMEOUT=300]
   --threads N                concurrent connections per worker               [THREADS=128]
@@ -53,7 +55,7 @@ USAGE
 long_options="help,model_name:,model-name:,hf-model-name:,infer_type:,infer-type:,per_proc_gpus:,per-proc-gpus:"
 long_options+=",workers-per-gpu:,workers_per_gpu:,cpu-workers:,cuda-visible-devices:,cuda_visible_devices:"
 long_options+=",gpu-ids:,host:,port:,max-model-len:,max_model_len:,dtype:,quantization:,timeout:,threads:"
-long_options+=",max-batch-size:,batching:,max-requests:,log-level:,gpu-memory-utilization:,enforce-eager"
+long_options+=",max-batch-size:,batching:,max-requests:,log-level:,gpu-memory-utilization:,enforce-eager,cuda-graphs"
 long_options+=",api-key:,api-key-file:,protect-monitoring,max-waiting:,request-timeout:,max-body-bytes:,max-instances:"
 
 if ! parsed=$(getopt --name "$(basename "$0")" --options h --longoptions "$long_options" -- "$@"); then
@@ -79,6 +81,7 @@ while true; do
 	--quantization) export QUANTIZATION="$2"; shift 2 ;;
 	--gpu-memory-utilization) export GPU_MEMORY_UTILIZATION="$2"; shift 2 ;;
 	--enforce-eager) export ENFORCE_EAGER=true; shift ;;
+	--cuda-graphs) export CUDA_GRAPHS=true; shift ;;
 	--timeout) export WORKER_TIMEOUT="$2"; shift 2 ;;
 	--threads) export THREADS="$2"; shift 2 ;;
 	--max-batch-size) export MAX_BATCH_SIZE="$2"; shift 2 ;;

@@ -38,9 +38,11 @@ class _Sequence:
 
 
 class ContinuousBatching:
-    def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float, on_death):
+    def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float, on_death,
+                 cuda_graphs: bool = False):
         """`memory_share`: the fraction of the device's free memory this manager may take for its KV cache;
-        `on_death(error)`: called once if the manager's loop dies."""
+        `on_death(error)`: called once if the manager's loop dies; `cuda_graphs`: replay CUDA graphs (with
+        asynchronous batching) instead of launching each kernel, captured at load and as batch shapes appear."""
         self.vocab_size = vocab_size
         self.on_death = on_death
         # Values other than the neutral ones make the manager build its per-request temperature, top-k and top-p
@@ -56,8 +58,13 @@ class ContinuousBatching:
                 max_memory_percent=memory_share,
                 # On CPU the share would be of the host's RAM (12 GB on a 24 GB machine): a fixed, small cache.
                 num_blocks=None if model.device.type == "cuda" else CPU_CACHE_BLOCKS,
+                # None: transformers' choice, which is off with SDPA attention (it needs a mask and padding).
+                use_cuda_graph=True if cuda_graphs else None,
+                use_async_batching=True if cuda_graphs else None,
             ),
         )
+        if cuda_graphs:
+            self.manager.warmup()  # the largest shapes first, so that the graph memory pool does not fragment
         self.manager.start()
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()

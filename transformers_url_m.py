@@ -207,7 +207,8 @@ class TransformersEngine(Engine):
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
-        return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die)
+        return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die,
+                                  cuda_graphs=settings.cuda_graphs and self.device.type == "cuda")
 
     def running(self) -> int:
         observer = self._observer

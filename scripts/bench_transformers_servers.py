@@ -1,0 +1,171 @@
+"""Side by side on one machine: this server's transformers engine vs `transformers serve` (vs a naive server).
+
+Builds a random-weight Llama of the given shape (machines without network cannot download one), starts every
+server named by `--servers` on the same GPUs (or, with `--gpus cpu`, on the CPU: a row a reader without a GPU can
+reproduce), and runs bench.py over all of them interleaved in one run: per
+concurrency level, one run on each server. Prints bench.py's table and ratios (to the first server) and writes
+its JSON next to the given output prefix; the plot is drawn from the JSON where matplotlib is installed.
+
+Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
+  hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
+                the servers fit on one GPU together)
+  ours:K        this server, transformers engine, K workers per GPU (`--workers-per-gpu K`), on every GPU given
+                (with --gpus cpu: K CPU workers)
+  ours-graphs:K the same with `--cuda-graphs`
+  naive         one `generate` per request behind a lock (scripts/naive_server.py)
+
+Usage: python scripts/bench_transformers_servers.py CONFIG_AND_TOKENIZER_DIR --servers hf ours:1 ours:4 \
+           [--shape 135m|1.7b] [--gpus 0] [--concurrency 1 8 32 64] [--duration 15] [--out results/gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.request import urlopen
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from probe_cb_configs import SHAPES, random_model  # noqa: E402
+
+HF_KV_SHARE = "0.2"  # of free memory; this server's workers split their own share (transformers_url_m.py)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(source: Path, shape: str, target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    random_model(str(source), shape).save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    # No EOS in the generation config: every server then generates exactly the asked length.
+    config = json.loads((target / "generation_config.json").read_text())
+    config.pop("eos_token_id", None)
+    (target / "generation_config.json").write_text(json.dumps(config))
+
+
+def label(spec: str) -> str:
+    """A server's name in bench.py's tables (and its log file's): ours:4@0,1 -> ours4-gpu0-1."""
+    server, _, gpus = spec.partition("@")
+    return server.replace(":", "") + (f"-gpu{gpus.replace(',', '-')}" if gpus else "")
+
+
+def server_command(spec: str, model: Path, port: int, default_gpus: str) -> tuple[list[str], dict, str, int]:
+    """The command, its environment, bench.py's protocol for it, and how many workers must be ready."""
+    server, _, gpus = spec.partition("@")
+    gpus = gpus or default_gpus
+    name, _, arg = server.partition(":")
+    # transformers serve lists the hub cache in /v1/models and fails without one (machines without network).
+    hub_cache = Path(tempfile.gettempdir()) / "bench-hub-cache"
+    hub_cache.mkdir(exist_ok=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus, "HF_HUB_CACHE": str(hub_cache)}
+    if name == "hf":
+        # On CPU it would size its cache from the host's memory: a small fixed one instead.
+        cache = ["--cb-num-blocks", "64"] if gpus == "cpu" else ["--cb-max-memory-percent", HF_KV_SHARE]
+        return ([shutil.which("transformers") or "transformers", "serve", str(model), "--continuous-batching",
+                 "--host", "127.0.0.1", "--port", str(port), *cache], env, "hf-completions", 1)
+    if name == "naive":
+        return [sys.executable, str(ROOT / "scripts" / "naive_server.py"), str(model), str(port)], env, "completions", 1
+    if name in ("ours", "ours-graphs"):
+        per_gpu = int(arg or 1)
+        # The dispatcher takes these GPUs (found through NVML) and pins each worker; its own state file per run.
+        env = {**os.environ, "DISPATCHER_STATE": str(Path(tempfile.gettempdir()) / f"bench-slices-{port}.json")}
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--infer_type", "transformers",
+                   "--port", str(port), *(["--cuda-graphs"] if name == "ours-graphs" else [])]
+        if gpus == "cpu":
+            return [*command, "--cpu-workers", str(per_gpu)], env, "completions", per_gpu
+        env["GPU_IDS"] = gpus
+        command += ["--per_proc_gpus", "1", "--workers-per-gpu", str(per_gpu)]
+        return command, env, "completions", per_gpu * len(gpus.split(","))
+    raise SystemExit(f"unknown server {spec!r}: use hf, naive, ours:K or ours-graphs:K")
+
+
+def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with {process.returncode} before it was ready")
+        try:
+            with urlopen(f"{url}/health", timeout=5):
+                pass
+            if workers <= 1:
+                return
+            with urlopen(f"{url}/workers", timeout=5) as response:
+                if json.loads(response.read())["loaded"] >= workers:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{url} not ready after {timeout_s:.0f} s")
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("source", type=Path, help="folder with the model's config.json and tokenizer")
+    cli.add_argument("--servers", nargs="+", default=["hf", "ours:1"])
+    cli.add_argument("--shape", choices=SHAPES, default="135m")
+    cli.add_argument("--gpus", default="0", help="GPU indices the servers may use, e.g. 0,1; cpu: none")
+    cli.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    cli.add_argument("--duration", type=float, default=15, help="seconds per run")
+    cli.add_argument("--repeats", type=int, default=1)
+    cli.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to load")
+    cli.add_argument("--prompt-len", type=int, default=128)
+    cli.add_argument("--output-len", type=int, default=128)
+    cli.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
+    options = cli.parse_args()
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    model = work / f"random-smollm2-{options.shape}"
+    build_model(options.source, options.shape, model)
+    servers: list[tuple[str, str, subprocess.Popen]] = []
+    try:
+        for spec in options.servers:
+            port = free_port()
+            command, env, protocol, workers = server_command(spec, model, port, options.gpus)
+            print("$", " ".join(command), flush=True)
+            log = open(options.out.parent / f"{options.out.name}-{label(spec)}.log", "w")
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append((spec, f"http://127.0.0.1:{port}", process))
+            # One by one: each sizes its cache alone.
+            wait_ready(f"http://127.0.0.1:{port}", workers, process, options.ready_timeout)
+        bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--no-progress",
+                 "--concurrency", *map(str, options.concurrency), "--duration", str(options.duration),
+                 "--repeats", str(options.repeats),
+                 "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
+                 "--json", str(options.out.with_suffix(".json")), "--plot", str(options.out.with_suffix(".png"))]
+        for spec, url, _ in servers:
+            protocol = server_command(spec, model, 0, options.gpus)[2]
+            bench += ["--url", f"{label(spec)}={url}@{protocol}"]
+        print("$", " ".join(bench), flush=True)
+        subprocess.run(bench, check=False)
+    finally:
+        for _, _, process in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for _, _, process in servers:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
