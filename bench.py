@@ -176,6 +176,7 @@ class Outcome:
     error: str | None = None
     output_tokens: int = 0  # filled in after the run (re-tokenizing costs CPU the run should not share)
     counted_from: str = "usage"  # or "text": re-tokenized, which can be a token off (see count_output_tokens)
+    worker: str | None = None  # this server's X-Worker-Pid: how requests spread over its workers
 
 
 def send(server: Server, prompt: str, options) -> Outcome:
@@ -193,6 +194,7 @@ def send(server: Server, prompt: str, options) -> Outcome:
     try:
         connection.request("POST", base_path + protocol.path, body=body, headers=headers)
         response = connection.getresponse()
+        outcome.worker = response.getheader("X-Worker-Pid")
         if response.status != 200:
             raw = response.read(4000)
             try:
@@ -403,6 +405,7 @@ def summarize(outcomes: list[Outcome], elapsed: float, cpu: float, options) -> d
         for p, value in zip(PERCENTILES, percentiles(values)):
             summary[f"{name}_ms_p{p}"] = None if value is None else 1000 * value
     summary["errors"] = dict(Counter(o.error for o in outcomes if o.error).most_common(5))
+    summary["per_worker"] = dict(Counter(o.worker for o in ok if o.worker))
     return summary
 
 
@@ -413,6 +416,8 @@ def combine_repeats(runs: list[dict]) -> dict:
         values = [run[key] for run in runs if run[key] is not None]
         if key == "errors":
             combined[key] = dict(sum((Counter(run[key]) for run in runs), Counter()).most_common(5))
+        elif key == "per_worker":
+            combined[key] = dict(sum((Counter(run[key]) for run in runs), Counter()))
         elif not values:
             combined[key] = None
         elif isinstance(values[0], str):  # output_counted_from: every source any repeat used
@@ -626,6 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     ratio_rows = ratios(summary, servers, levels) if len(servers) > 1 else []
     if ratio_rows:
         print_ratios(ratio_rows)
+
+    spread = [(name, level, s["per_worker"]) for (name, level), s in summary.items() if len(s["per_worker"]) > 1]
+    if spread:
+        print("\nanswered requests per worker (X-Worker-Pid)")
+        for name, level, counts in spread:
+            print(f"  {name} c={level}: " + ", ".join(f"{pid}: {n}" for pid, n in sorted(counts.items())))
 
     exit_status = 0
     for (name, level), s in summary.items():

@@ -54,11 +54,13 @@ def every_protocol(server, tmp_path_factory):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("level", LEVELS)
-def test_every_request_is_measured(every_protocol, protocol, level):
+def test_every_request_is_measured(server, every_protocol, protocol, level):
     _, document, _ = every_protocol
     [summary] = [s for s in document["summary"] if s["server"] == protocol and s["concurrency"] == level]
     requests = REQUESTS
     assert summary["requests"] == requests and summary["failures"] == 0, summary["errors"]
+    # Which worker answered, from X-Worker-Pid: the server's one worker, every time.
+    assert summary["per_worker"] == {str(pid): requests for pid in server.worker_pids()}
     # Exactly the asked-for output length: from usage on the OpenAI routes, re-tokenized text on the native ones.
     assert summary["output_tokens"] == requests * OUTPUT_LEN
     assert summary["wrong_output_len"] == 0
@@ -125,10 +127,11 @@ def test_interleaved_runs_alternate_which_server_goes_first():
 
 def test_repeats_combine_into_medians_and_sums():
     runs = [{"requests": 4, "failures": 0, "output_tok_s": v, "ttft_ms_p50": v, "output_len_min": v,
-             "output_counted_from": source, "errors": {}} for v, source in ((1, "usage"), (5, "text"), (3, "usage"))]
+             "output_counted_from": source, "errors": {}, "per_worker": {"7": v}} for v, source in ((1, "usage"), (5, "text"), (3, "usage"))]
     combined = bench.combine_repeats(runs)
     assert combined["requests"] == 12 and combined["output_tok_s"] == 3 and combined["ttft_ms_p50"] == 3
     assert combined["output_len_min"] == 1 and combined["output_counted_from"] == "text/usage"
+    assert combined["per_worker"] == {"7": 9}  # summed over the repeats
 
 
 @pytest.mark.parametrize("kind", ["random", "fixed"])
