@@ -88,8 +88,8 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str) -> tupl
         env.pop("CUDA_VISIBLE_DEVICES", None)
         command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--infer_type", "transformers",
                    "--port", str(port), *(["--cuda-graphs"] if name == "ours-graphs" else [])]
-        if gpus == "cpu":
-            return [*command, "--cpu-workers", str(per_gpu)], env, "completions", per_gpu
+        if gpus == "cpu":  # in the weights' dtype, as the other servers load them (this server's CPU default: float32)
+            return [*command, "--cpu-workers", str(per_gpu), "--dtype", "bfloat16"], env, "completions", per_gpu
         env["GPU_IDS"] = gpus
         command += ["--per_proc_gpus", "1", "--workers-per-gpu", str(per_gpu)]
         return command, env, "completions", per_gpu * len(gpus.split(","))
