@@ -134,7 +134,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     model = work / f"random-smollm2-{options.shape}"
     build_model(options.source, options.shape, model)
-    servers: list[tuple[str, str, subprocess.Popen]] = []
+    servers: list[tuple[str, subprocess.Popen]] = []  # (bench.py's --url for it, the process)
     try:
         for spec in options.servers:
             port = free_port()
@@ -142,24 +142,23 @@ def main() -> None:
             print("$", " ".join(command), flush=True)
             log = open(options.out.parent / f"{options.out.name}-{label(spec)}.log", "w")
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            servers.append((spec, f"http://127.0.0.1:{port}", process))
-            # One by one: each sizes its cache alone.
-            wait_ready(f"http://127.0.0.1:{port}", workers, process, options.ready_timeout)
+            url = f"http://127.0.0.1:{port}"
+            servers.append((f"{label(spec)}={url}@{protocol}", process))
+            wait_ready(url, workers, process, options.ready_timeout)  # one by one: each sizes its cache alone
         bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--no-progress",
                  "--concurrency", *map(str, options.concurrency), "--duration", str(options.duration),
                  "--repeats", str(options.repeats),
                  "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
                  "--json", str(options.out.with_suffix(".json")), "--plot", str(options.out.with_suffix(".png"))]
-        for spec, url, _ in servers:
-            protocol = server_command(spec, model, 0, options.gpus)[2]
-            bench += ["--url", f"{label(spec)}={url}@{protocol}"]
+        for bench_url, _ in servers:
+            bench += ["--url", bench_url]
         print("$", " ".join(bench), flush=True)
         subprocess.run(bench, check=False)
     finally:
-        for _, _, process in servers:
+        for _, process in servers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-        for _, _, process in servers:
+        for _, process in servers:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -392,3 +392,15 @@ def test_engine_failure_gets_an_error_answer_and_the_worker_is_replaced_on_its_s
     assert server.infer(["Hi"], max_tokens=2, temperature=0)
     assert "the engine died" in server.log()
     assert server.process.poll() is None, "the server stopped instead of replacing the worker"
+
+    # A stream has sent its 200 already: the replacement's engine dies at its next step (the 3rd), and the stream
+    # ends with that error as its last event, in the error shape, before [DONE].
+    with requests.post(f"{server.url}/v1/completions", stream=True, timeout=60,
+                       json={"prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True, "stream": True}
+                       ) as streamed:
+        assert streamed.status_code == 200
+        events = [line.removeprefix("data: ") for line in streamed.iter_lines(decode_unicode=True)
+                  if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 500 and "fault injected" in error["message"], error

@@ -347,6 +347,12 @@ def test_spelling_is_accepted(tmp_path, option, value):
     assert "; " not in line  # no second problem
 
 
+@pytest.mark.parametrize("flag", ["--enforce-eager", "--cuda-graphs"])
+def test_switch_without_a_value_is_accepted(tmp_path, flag):
+    line = assert_refused(launch(tmp_path, flag, "--port", "0"), "--port (PORT)='0'")
+    assert "unrecognized" not in line and "; " not in line
+
+
 @pytest.mark.parametrize(
     "option, value, fragment",
     [

@@ -95,6 +95,11 @@ def post_completion(server, prompt: str, **params) -> dict:
     return response.json()
 
 
+def test_generate_refuses_a_stream_flag_that_is_not_a_boolean(server):
+    response = requests.post(f"{server.url}/generate", json={"prompt": "Hi", "stream": "yes"}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream", response.text
+
+
 def test_every_response_names_its_worker_and_slice(server):
     response = requests.post(f"{server.url}/infer", json={"instances": ["Hi"], "params": {"max_tokens": 1}})
     assert server.slices[int(response.headers["X-Worker-Pid"])] == response.headers["X-GPU-Slice"]
