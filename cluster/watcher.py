@@ -218,9 +218,10 @@ class Watcher:
         upstreams = sorted(s.upstream for s in state.servers if s.phase == SERVING)
         nginx = Nginx(self.state_dir.nginx, state.proxy)
         if upstreams != state.upstreams or nginx.pid() is None:
-            if nginx.pid() is None and state.upstreams:
-                self.state_dir.record("nginx_restart", why="nginx was not running")
+            restarting = nginx.pid() is None and bool(state.upstreams)
             nginx.apply(upstreams)
+            if restarting:  # recorded once nginx listens again, so that the event means it serves
+                self.state_dir.record("nginx_restart", why="nginx was not running")
             state.upstreams = upstreams
             self.state_dir.record("nginx", upstreams=upstreams)
         for server in state.servers:
