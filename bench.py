@@ -28,6 +28,8 @@ import argparse
 import http.client
 import itertools
 import json
+import multiprocessing
+import os
 import random
 import resource
 import statistics
@@ -36,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -93,7 +96,9 @@ def sse_chunks(response) -> Iterator[Chunk]:
 
 
 def _greedy_fixed_length(length: int) -> dict:
-    return {"temperature": 0, "max_tokens": length, "ignore_eos": True}
+    # Special tokens stay in the text: a random-weight model can generate nothing else for a whole answer, which
+    # would read as an answer without text; on the native routes re-tokenizing the text then counts them too.
+    return {"temperature": 0, "max_tokens": length, "ignore_eos": True, "skip_special_tokens": False}
 
 
 def _openai_stream(body: dict, model: str | None) -> dict:
@@ -120,14 +125,12 @@ class Protocol:
     chunks: Callable[..., Iterator[Chunk]]
 
 
-# skip_special_tokens false on the native routes: a special token generated past EOS stays in the text, so that
-# re-tokenizing the text counts it (those routes send no usage).
 PROTOCOLS = {
     "infer": Protocol("/infer", lambda prompt, n, model: {
-        "instances": [prompt], "params": {**_greedy_fixed_length(n), "skip_special_tokens": False}, "stream": True,
+        "instances": [prompt], "params": _greedy_fixed_length(n), "stream": True,
     }, ndjson_chunks),
     "generate": Protocol("/generate?streaming=true", lambda prompt, n, model: {
-        "prompt": prompt, **_greedy_fixed_length(n), "skip_special_tokens": False,
+        "prompt": prompt, **_greedy_fixed_length(n),
     }, text_chunks),
     "completions": Protocol("/v1/completions", lambda prompt, n, model: _openai_stream(
         {"prompt": prompt, **_greedy_fixed_length(n)}, model), sse_chunks),
@@ -177,6 +180,7 @@ class Outcome:
     output_tokens: int = 0  # filled in after the run (re-tokenizing costs CPU the run should not share)
     counted_from: str = "usage"  # or "text": re-tokenized, which can be a token off (see count_output_tokens)
     worker: str | None = None  # this server's X-Worker-Pid: how requests spread over its workers
+    client_pid: int = field(default_factory=os.getpid)  # which client process sent it (--client-processes)
 
 
 def send(server: Server, prompt: str, options) -> Outcome:
@@ -281,11 +285,29 @@ class PromptMaker:
 
 def run_level(server: Server, prompts: list[str], concurrency: int, options, label: str,
               duration_s: float | None = None) -> tuple[list[Outcome], float, float]:
-    """Send the prompts (cycled until `duration_s` when given); return the outcomes, wall time, client CPU time."""
+    """Send the prompts (cycled until `duration_s` when given); return the outcomes, wall time, client CPU time.
+
+    With --client-processes P the clients are split over P processes (each its own GIL): one Python process
+    parsing thousands of streamed chunks a second would otherwise be the bottleneck it measures."""
+    processes = min(options.client_processes, concurrency)
+    if processes <= 1:
+        return _run_clients(server, prompts, concurrency, options, label, duration_s, options.progress)
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_run_clients, server, prompts[i::processes], share,
+                               options, label, duration_s, False) for i, share in enumerate(shares)]
+        results = [future.result() for future in futures]
+    outcomes = [outcome for result in results for outcome in result[0]]
+    return outcomes, max(result[1] for result in results), sum(result[2] for result in results)
+
+
+def _run_clients(server: Server, prompts: list[str], concurrency: int, options, label: str,
+                 duration_s: float | None, progress_bar: bool) -> tuple[list[Outcome], float, float]:
+    """`concurrency` client threads in this process: see run_level."""
     lock = threading.Lock()
     queue = itertools.cycle(prompts) if duration_s else iter(prompts)
     outcomes: list[Outcome] = []
-    progress = make_progress(None if duration_s else len(prompts), label, options.progress)
+    progress = make_progress(None if duration_s else len(prompts), label, progress_bar)
     deadline = time.perf_counter() + duration_s if duration_s else None
 
     def client() -> None:
@@ -397,8 +419,10 @@ def summarize(outcomes: list[Outcome], elapsed: float, cpu: float, options) -> d
         "output_len_min": min(lengths, default=None),
         "output_len_max": max(lengths, default=None),
         "output_counted_from": "/".join(sorted({o.counted_from for o in ok})) or None,
-        # Of one core: near 100 would mean the client limits the figures. Meaningless when nothing was answered.
+        # Of one core, summed over the client processes: near 100 x processes would mean the client limits the
+        # figures. Meaningless when nothing was answered.
         "client_cpu_pct": 100 * cpu / elapsed if ok else None,
+        "client_processes": len({o.client_pid for o in outcomes}),
     }
     for name, values in samples.items():
         summary[f"{name}_ms_mean"] = 1000 * statistics.fmean(values) if values else None
@@ -571,9 +595,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_argument("--json", type=Path, help="write every run and the summary here")
     cli.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     cli.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    cli.add_argument("--client-processes", type=int, default=1,
+                     help="split each run's clients over this many processes, for thousands of tokens a second "
+                          "(default 1; with more, progress shows per run, not per request)")
     options = cli.parse_args(argv)
-    if min(options.concurrency) < 1 or options.prompt_len < 1 or options.output_len < 1 or options.repeats < 1:
-        cli.error("--concurrency, --prompt-len, --output-len and --repeats must be at least 1")
+    if min(options.concurrency + [options.prompt_len, options.output_len, options.repeats,
+                                  options.client_processes]) < 1:
+        cli.error("--concurrency, --prompt-len, --output-len, --repeats and --client-processes must be at least 1")
     options.servers = [parse_server(spec, i, options.protocol) for i, spec in enumerate(options.url)]
     if len({s.name for s in options.servers}) != len(options.servers):
         cli.error("two --url have the same name: label them NAME=URL")
@@ -611,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     for server, level, repeat in schedule(servers, levels, options.repeats, options.interleave):
         count = options.requests_per_level or max(4 * level, 16)
         if options.duration:
-            count = max(256, 8 * level)  # a pool to cycle through
+            count = max(256, 2 * level)  # a pool to cycle through
         if (level, repeat) not in prompts:
             prompts[(level, repeat)] = prompt_maker.make(count, f"{options.seed}-{level}-{repeat}")
         label = f"{server.name} c={level} [{repeat + 1}/{options.repeats}]"

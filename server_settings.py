@@ -85,10 +85,12 @@ class ServerSettings(BaseSettings):
     )
     gpu_memory_utilization: float = _setting(
         0.9, "GPU_MEMORY_UTILIZATION", "--gpu-memory-utilization",
-        "share of each GPU's memory vLLM may use, split between --workers-per-gpu instances", gt=0.0, le=1.0,
+        "share of each GPU's memory vLLM or the transformers engine's slots may use, split between "
+        "--workers-per-gpu instances", gt=0.0, le=1.0,
     )
     enforce_eager: bool | None = _setting(
-        None, "ENFORCE_EAGER", "--enforce-eager", "vLLM without CUDA graphs or compilation (default: on CPU only)"
+        None, "ENFORCE_EAGER", "--enforce-eager",
+        "no CUDA graphs: vLLM (nor compilation), and the transformers engine's slots (default: on CPU only)"
     )
     cuda_graphs: bool = _setting(
         False, "CUDA_GRAPHS", "--cuda-graphs",
@@ -102,10 +104,11 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = _setting(
         32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
     )
-    batching: Literal["auto", "generate", "continuous"] = _setting(
+    batching: Literal["auto", "generate", "continuous", "slots"] = _setting(
         "auto", "BATCHING", "--batching",
-        "transformers engine: continuous (transformers' continuous batching), generate (batched generate), "
-        "auto: continuous on GPU, generate on CPU",
+        "transformers engine: slots (this server's continuous batching over a static cache, CUDA graphs on GPU), "
+        "continuous (transformers' continuous batching), generate (batched generate), "
+        "auto: slots on GPU (continuous for models with sliding windows or soft-capping), generate on CPU",
     )
     slice_wait: float | None = _setting(
         None, "SLICE_WAIT", None, "seconds a new worker waits for a GPU slice to free up (default: timeout + 30)", ge=0

@@ -25,8 +25,10 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --max-model-len N          context length, prompt plus output tokens        [MAX_MODEL_LEN]
   --dtype T                  auto, bfloat16, float16 or float32               [DTYPE=auto]
   --quantization M           vLLM quantization method                         [QUANTIZATION]
-  --gpu-memory-utilization F vLLM's share of each GPU's memory                [GPU_MEMORY_UTILIZATION=0.9]
-  --enforce-eager            vLLM without CUDA graphs (default on CPU only)   [ENFORCE_EAGER]
+  --gpu-memory-utilization F share of each GPU's memory for vLLM or the
+                             transformers engine's slots                      [GPU_MEMORY_UTILIZATION=0.9]
+  --enforce-eager            no CUDA graphs: vLLM, and the transformers
+                             engine's slots (default on CPU only)             [ENFORCE_EAGER]
   --cuda-graphs              transformers' continuous batching with CUDA
                              graphs, captured at load and as shapes appear    [CUDA_GRAPHS]
   --timeout S                seconds before a silent worker is killed; also
@@ -42,8 +44,10 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --max-body-bytes N         largest request body; beyond: 413                [MAX_BODY_BYTES=8388608]
   --max-instances N          prompts per request at most                      [MAX_INSTANCES=256]
   --max-batch-size N         sequences per batch (transformers engine)        [MAX_BATCH_SIZE=32]
-  --batching MODE            transformers engine: continuous, generate, or
-                             auto (continuous on GPU, generate on CPU)        [BATCHING=auto]
+  --batching MODE            transformers engine: slots (own continuous
+                             batching, CUDA graphs), continuous (transformers'
+                             own), generate, or auto (slots on GPU, generate
+                             on CPU)                                          [BATCHING=auto]
   --log-level L              debug, info, warning or error                    [LOG_LEVEL=info]
   -h, --help                 this help
 

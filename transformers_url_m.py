@@ -46,7 +46,9 @@ from engine import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogp
 from request_schema import SamplingParams
 from server_settings import ServerSettings
 from serving import app_for
+import transformers_slots
 from transformers_continuous import ContinuousBatching
+from transformers_slots import SlotBatching
 
 log = logging.getLogger("gunicorn.error")
 
@@ -55,6 +57,10 @@ SCORING_TOKEN_BUDGET = 4096
 # Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
 # is headroom for the batched-generate path and vocabulary-sized temporaries.
 KV_CACHE_MEMORY_SHARE = 0.7
+# The slots' KV cache: on GPU it leaves this much of the worker's share for activations, CUDA graphs and logits; on
+# CPU it is this size (sized from the host's free memory it would take most of it).
+ACTIVATION_HEADROOM_BYTES = 1 << 30
+SLOT_CACHE_BYTES_ON_CPU = 1 << 30
 
 
 @dataclass
@@ -196,19 +202,39 @@ class TransformersEngine(Engine):
         self._observer: _StepObserver | None = None  # the batched generate running now, if any
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
 
-    def _continuous_batching(self, settings: ServerSettings) -> ContinuousBatching | None:
-        # It keeps one paged cache on one device: a model spread over a multi-GPU slice serves via batched generate.
+    def _continuous_batching(self, settings: ServerSettings) -> SlotBatching | ContinuousBatching | None:
+        # Both keep their cache on one device: a model spread over a multi-GPU slice serves via batched generate.
         devices = {str(d) for d in getattr(self.model, "hf_device_map", {"": self.device}).values()}
-        wanted = settings.batching == "continuous" or (settings.batching == "auto" and self.device.type == "cuda")
+        wanted = settings.batching in ("slots", "continuous") or (
+            settings.batching == "auto" and self.device.type == "cuda")
         if wanted and len(devices) > 1:
             log.warning("worker %s: the model spans several GPUs; serving with batched generate", os.getpid())
         if not wanted or len(devices) > 1:
             return None
-        vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
+        slots_fit = transformers_slots.supports(self.model.config, self.max_model_len)
+        if settings.batching == "slots" and not slots_fit:
+            raise RuntimeError("--batching slots needs plain causal attention over the whole sequence; this model "
+                               "has sliding windows, soft-capping or mixed layer types: use --batching continuous")
+        if settings.batching == "slots" or (settings.batching == "auto" and slots_fit):
+            return SlotBatching(self.model, settings.max_batch_size, self.max_model_len,
+                                self._slot_cache_bytes(settings),
+                                cuda_graphs=self.device.type == "cuda" and not settings.enforce_eager,
+                                on_death=self.die, on_step=self.step_taken)
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
         return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die,
                                   cuda_graphs=settings.cuda_graphs and self.device.type == "cuda")
+
+    def _slot_cache_bytes(self, settings: ServerSettings) -> int:
+        """What the slots' KV cache may take: this worker's share of the GPU (--gpu-memory-utilization over
+        --workers-per-gpu) less what it holds already (the weights) and room for activations; no more than is free."""
+        if self.device.type != "cuda":
+            return SLOT_CACHE_BYTES_ON_CPU
+        free, total = torch.cuda.mem_get_info(self.device)
+        share = settings.gpu_memory_utilization * total / settings.workers_per_gpu - torch.cuda.memory_allocated(
+            self.device)
+        return int(min(share, free) - ACTIVATION_HEADROOM_BYTES)
 
     def running(self) -> int:
         observer = self._observer
@@ -225,7 +251,7 @@ class TransformersEngine(Engine):
             "visible_gpus": torch.cuda.device_count(),
             "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "layers_on": placed_on or [str(self.device)],
-            "batching": "continuous" if self.continuous else "generate",
+            "batching": {SlotBatching: "slots", ContinuousBatching: "continuous"}.get(type(self.continuous), "generate"),
             "running": self.running(),
         }
 
@@ -233,7 +259,7 @@ class TransformersEngine(Engine):
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
-        if self.continuous is not None and ContinuousBatching.can_serve(params):
+        if self.continuous is not None and self.continuous.can_serve(params):
             return self.continuous.start(prompt_ids, params, stop_ids)
         stream = GenerationStream(params.n, abort=lambda: None)  # the step observer sees `cancelled` and ends rows
         self._jobs.put(GenerateJob(prompt_ids, params, stream))

@@ -10,8 +10,9 @@ Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
                 the servers fit on one GPU together)
   ours:K        this server, transformers engine, K workers per GPU (`--workers-per-gpu K`), on every GPU given
-                (with --gpus cpu: K CPU workers)
-  ours-graphs:K the same with `--cuda-graphs`
+                (with --gpus cpu: K CPU workers), its default batching: slots (CUDA graphs) on GPU
+  ours-continuous:K   the same with `--batching continuous` (transformers' continuous batching)
+  ours-graphs:K the same with `--batching continuous --cuda-graphs`
   naive         one `generate` per request behind a lock (scripts/naive_server.py)
 
 Usage: python scripts/bench_transformers_servers.py CONFIG_AND_TOKENIZER_DIR --servers hf ours:1 ours:4 \
@@ -39,6 +40,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from probe_cb_configs import SHAPES, random_model  # noqa: E402
 
+# this server's launcher options per variant (see the docstring)
+VARIANTS = {"ours": [], "ours-continuous": ["--batching", "continuous"],
+            "ours-graphs": ["--batching", "continuous", "--cuda-graphs"]}
 HF_KV_SHARE = "0.2"  # of free memory; this server's workers split their own share (transformers_url_m.py)
 
 
@@ -65,7 +69,8 @@ def label(spec: str) -> str:
     return server.replace(":", "") + (f"-gpu{gpus.replace(',', '-')}" if gpus else "")
 
 
-def server_command(spec: str, model: Path, port: int, default_gpus: str) -> tuple[list[str], dict, str, int]:
+def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_options: list[str]
+                   ) -> tuple[list[str], dict, str, int]:
     """The command, its environment, bench.py's protocol for it, and how many workers must be ready."""
     server, _, gpus = spec.partition("@")
     gpus = gpus or default_gpus
@@ -81,19 +86,19 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str) -> tupl
                  "--host", "127.0.0.1", "--port", str(port), *cache], env, "hf-completions", 1)
     if name == "naive":
         return [sys.executable, str(ROOT / "scripts" / "naive_server.py"), str(model), str(port)], env, "completions", 1
-    if name in ("ours", "ours-graphs"):
+    if name in VARIANTS:
         per_gpu = int(arg or 1)
         # The dispatcher takes these GPUs (found through NVML) and pins each worker; its own state file per run.
         env = {**os.environ, "DISPATCHER_STATE": str(Path(tempfile.gettempdir()) / f"bench-slices-{port}.json")}
         env.pop("CUDA_VISIBLE_DEVICES", None)
         command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--infer_type", "transformers",
-                   "--port", str(port), *(["--cuda-graphs"] if name == "ours-graphs" else [])]
+                   "--port", str(port), *VARIANTS[name], *ours_options]
         if gpus == "cpu":  # in the weights' dtype, as the other servers load them (this server's CPU default: float32)
             return [*command, "--cpu-workers", str(per_gpu), "--dtype", "bfloat16"], env, "completions", per_gpu
         env["GPU_IDS"] = gpus
         command += ["--per_proc_gpus", "1", "--workers-per-gpu", str(per_gpu)]
         return command, env, "completions", per_gpu * len(gpus.split(","))
-    raise SystemExit(f"unknown server {spec!r}: use hf, naive, ours:K or ours-graphs:K")
+    raise SystemExit(f"unknown server {spec!r}: use hf, naive, or {' '.join(name + ':K' for name in VARIANTS)}")
 
 
 def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: float) -> None:
@@ -128,6 +133,12 @@ def main() -> None:
     cli.add_argument("--prompt-len", type=int, default=128)
     cli.add_argument("--output-len", type=int, default=128)
     cli.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
+    cli.add_argument("--max-model-len", type=int, default=1024,
+                     help="this server's --max-model-len: its slots' length (prompt plus output at most)")
+    cli.add_argument("--max-batch-size", type=int, default=128, help="this server's sequences per worker at most")
+    cli.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                     help="this server's share of each GPU (its servers share the GPUs with the others)")
+    cli.add_argument("--client-processes", type=int, default=4, help="bench.py's --client-processes")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -138,7 +149,11 @@ def main() -> None:
     try:
         for spec in options.servers:
             port = free_port()
-            command, env, protocol, workers = server_command(spec, model, port, options.gpus)
+            ours_options = ["--max-model-len", str(options.max_model_len), "--max-batch-size",
+                            str(options.max_batch_size), "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+                            # No load shedding: every connection is served, however many wait (a throughput run).
+                            "--max-waiting", "4096", "--threads", "4096"]
+            command, env, protocol, workers = server_command(spec, model, port, options.gpus, ours_options)
             print("$", " ".join(command), flush=True)
             log = open(options.out.parent / f"{options.out.name}-{label(spec)}.log", "w")
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -147,7 +162,7 @@ def main() -> None:
             wait_ready(url, workers, process, options.ready_timeout)  # one by one: each sizes its cache alone
         bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--no-progress",
                  "--concurrency", *map(str, options.concurrency), "--duration", str(options.duration),
-                 "--repeats", str(options.repeats),
+                 "--repeats", str(options.repeats), "--client-processes", str(options.client_processes),
                  "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
                  "--json", str(options.out.with_suffix(".json")), "--plot", str(options.out.with_suffix(".png"))]
         for bench_url, _ in servers:

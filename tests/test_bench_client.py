@@ -115,6 +115,17 @@ def test_server_not_listening_counts_failures_and_exits_1(server, tmp_path):
     assert live["input_tokens"] == REQUESTS * PROMPT_LEN
 
 
+def test_client_processes_share_the_clients(server, tmp_path):
+    process = run_bench("--url", f"live={server.url}@completions", "--concurrency", "2", "--client-processes", "2",
+                        "--json", str(tmp_path / "bench.json"), "--no-progress")
+    assert process.returncode == 0, process.stdout + process.stderr
+    [summary] = json.loads((tmp_path / "bench.json").read_text())["summary"]
+    assert summary["client_processes"] == 2  # each request records the process that sent it
+    assert summary["requests"] == REQUESTS and summary["failures"] == 0
+    assert summary["output_tokens"] == REQUESTS * OUTPUT_LEN
+    assert summary["client_cpu_pct"] > 0
+
+
 def test_interleaved_runs_alternate_which_server_goes_first():
     a, b = bench.Server("a", "http://a", "infer"), bench.Server("b", "http://b", "infer")
     order = [(s.name, level, repeat) for s, level, repeat in bench.schedule([a, b], [1, 4], 2, interleave=True)]
