@@ -52,6 +52,9 @@ from transformers_slots import SlotBatching
 
 log = logging.getLogger("gunicorn.error")
 
+# What /ready calls each continuous path (--batching's values); none of them: "generate"
+BATCHING_NAMES = {SlotBatching: "slots", ContinuousBatching: "continuous"}
+
 # Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
 SCORING_TOKEN_BUDGET = 4096
 # Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
@@ -251,7 +254,7 @@ class TransformersEngine(Engine):
             "visible_gpus": torch.cuda.device_count(),
             "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "layers_on": placed_on or [str(self.device)],
-            "batching": {SlotBatching: "slots", ContinuousBatching: "continuous"}.get(type(self.continuous), "generate"),
+            "batching": BATCHING_NAMES.get(type(self.continuous), "generate"),
             "running": self.running(),
         }
 

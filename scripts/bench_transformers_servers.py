@@ -149,8 +149,9 @@ def main() -> None:
     try:
         for spec in options.servers:
             port = free_port()
-            ours_options = ["--max-model-len", str(options.max_model_len), "--max-batch-size",
-                            str(options.max_batch_size), "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+            ours_options = ["--max-model-len", str(options.max_model_len),
+                            "--max-batch-size", str(options.max_batch_size),
+                            "--gpu-memory-utilization", str(options.gpu_memory_utilization),
                             # No load shedding: every connection is served, however many wait (a throughput run).
                             "--max-waiting", "4096", "--threads", "4096"]
             command, env, protocol, workers = server_command(spec, model, port, options.gpus, ours_options)

@@ -1,7 +1,8 @@
-"""End to end on the continuous-batching path of the transformers engine (the default on GPU), run on CPU.
+"""End to end on both continuous-batching paths of the transformers engine, run on CPU.
 
-A real server started with `--batching continuous`; requests that continuous batching cannot serve (seeds, stop
-strings, penalties, prompt scoring) take the batched-generate path in the same worker while it runs.
+A real server started with `--batching slots` (this server's own, the default on GPU; eager steps on CPU), then one
+with `--batching continuous` (transformers' manager); requests they cannot serve (seeds, stop strings, penalties,
+prompt scoring) take the batched-generate path in the same worker while they run.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from conftest import plain_generate
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Question: what is 7 times 8?\nAnswer:"]
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
-    server = start_server("--cpu-workers", "1", "--batching", "continuous")
+@pytest.fixture(scope="module", params=["slots", "continuous"])
+def server(start_server, request):
+    server = start_server("--cpu-workers", "1", "--batching", request.param, "--max-model-len", "512")
     server.wait_until_ready(workers=1)
+    server.batching = request.param
     return server
 
 
-def test_ready_reports_continuous_batching(server):
-    assert requests.get(f"{server.url}/ready").json()["batching"] == "continuous"
+def test_ready_reports_the_batching(server):
+    assert requests.get(f"{server.url}/ready").json()["batching"] == server.batching
 
 
 def test_greedy_answers_equal_plain_generate(server, reference_model):
