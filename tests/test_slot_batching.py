@@ -1,0 +1,357 @@
+"""`transformers_slots.SlotBatching` driven directly (no server), on CPU with eager steps, on the embedded model.
+
+Covered: greedy answers equal plain transformers `generate` token for token while more prompts than slots run
+concurrently (queued prompts wait, a finished slot is refilled by moving the last running sequence, a sequence
+crosses from the 128-column length bucket into the next); n=2; the three ends of a choice (`max_tokens`, a stop
+token, the `max_len` cap) and the prompt-length refusal; cancelling; the sampling path (top-k 1 equals greedy, also
+in one step with a top-p sampled row and a greedy row); `paused`; the loop's death (`on_death`, open and queued
+streams fail, later `start`s are refused); `supports` and `can_serve`; how many slots a cache budget holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import plain_generate
+from engine import EngineDied
+from request_schema import RequestError, SamplingParams
+from transformers_slots import SlotBatching, SlotCache, supports
+
+MAX_LEN = 256  # length buckets 128 and 256
+SLOTS = 3
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+NO_STOP: frozenset[int] = frozenset()  # the server's stop set when ignore_eos is set and no stop_token_ids
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based ink and a wooden press adapted from those used to make wine. Within a few decades "
+    "printing shops had opened in most of the large cities of Europe, and the price of books fell so far that "
+    "ordinary merchants could afford them. Scholars argue about how much the new technology changed the way "
+    "people thought, but nobody doubts that it changed how quickly ideas could travel from one town to the next. "
+    "Newspapers, pamphlets and cheap almanacs followed, and with them came censors, copyright and the first "
+    "arguments about who owns the words a writer puts on the page. "
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model):
+    return reference_model[0]
+
+
+@pytest.fixture(scope="module")
+def long_ids(tokenizer):
+    ids = tokenizer(TEXT * 3)["input_ids"]
+    assert len(ids) > MAX_LEN + 8
+    return ids
+
+
+_expected: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+
+def greedy_ids(reference_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy `generate`'s new tokens for token ids, end-of-sequence ignored (exactly max_new_tokens)."""
+    key = (tuple(prompt_ids), max_new_tokens)
+    if key not in _expected:
+        _, model = reference_model
+        with torch.inference_mode():
+            output = model.generate(input_ids=torch.tensor([prompt_ids]),
+                                    attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        _expected[key] = output[0, len(prompt_ids) :].tolist()
+        assert len(_expected[key]) == max_new_tokens
+    return _expected[key]
+
+
+def collect(stream, timeout_s: float = 60.0) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Every choice's tokens and finish reason; fails (DeadlineExceeded) instead of hanging."""
+    tokens: dict[int, list[int]] = {choice: [] for choice in range(stream.choices)}
+    reasons: dict[int, str] = {}
+    for update in stream.updates(deadline=time.monotonic() + timeout_s):
+        assert update.choice not in reasons, f"an update after choice {update.choice} finished: {update}"
+        assert len(update.token_ids) == 1, update
+        tokens[update.choice].extend(update.token_ids)
+        if update.finish_reason is not None:
+            reasons[update.choice] = update.finish_reason
+    return tokens, reasons
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def slots(reference_model):
+    """One engine for the module (3 slots of 256 tokens), built on the reference model's own model object; each
+    decode step records its batch (rows, running() including the queue, each row's params)."""
+    _, model = reference_model
+    steps: list[tuple[int, int, tuple[SamplingParams, ...]]] = []
+    deaths: list[BaseException] = []
+    built: list[SlotBatching] = []
+
+    def on_step():
+        engine = built[0]
+        steps.append((len(engine._running), engine.running(), tuple(s.params for s in engine._running)))
+
+    engine = SlotBatching(model, SLOTS, MAX_LEN, cache_bytes=2**30, cuda_graphs=False, on_death=deaths.append,
+                          on_step=on_step)
+    built.append(engine)
+    assert engine.slots == SLOTS
+    yield SimpleNamespace(engine=engine, steps=steps, deaths=deaths)
+    assert not deaths, deaths
+
+
+@pytest.fixture(autouse=True)
+def _idle_between_tests(request):
+    """Each test starts and ends with nothing running, so one test's leftovers cannot pass or fail another."""
+    if "slots" in request.fixturenames:
+        engine = request.getfixturevalue("slots").engine
+        assert wait_until(lambda: engine.running() == 0)
+    yield
+    if "slots" in request.fixturenames:
+        assert wait_until(lambda: engine.running() == 0), f"{engine.running()} sequences left running"
+
+
+def test_concurrent_greedy_prompts_through_fewer_slots_equal_plain_generate(slots, reference_model, tokenizer,
+                                                                           long_ids, monkeypatch):
+    prompts = [  # (prompt ids, max_tokens); the first, shortest answer frees slot 0 while slot 2 still runs
+        (tokenizer("The capital of France is")["input_ids"], 3),
+        (tokenizer("1, 2, 3, 4,")["input_ids"], 12),
+        (tokenizer("Question: what is 7 times 8?\nAnswer:")["input_ids"], 10),
+        (long_ids[:60], 8),
+        (long_ids[:122], 10),  # columns 122..131: crosses from the 128 length bucket into the 256 one
+    ]
+    expected = [greedy_ids(reference_model, ids, max_tokens) for ids, max_tokens in prompts]
+    moves: list[tuple[list[int], list[int]]] = []
+    move = slots.engine.cache.move
+    monkeypatch.setattr(slots.engine.cache, "move", lambda sources, targets: (moves.append((sources, targets)),
+                                                                              move(sources, targets))[-1])
+    slots.steps.clear()
+
+    # Each request thread starts its prompt right after the previous one did (a known arrival order, so a known
+    # slot order), then all read their streams at once.
+    started = [threading.Event() for _ in prompts]
+    results: list = [None] * len(prompts)
+
+    def request(index: int) -> None:
+        try:
+            if index:
+                assert started[index - 1].wait(10)
+            ids, max_tokens = prompts[index]
+            stream = slots.engine.start(ids, SamplingParams(max_tokens=max_tokens, **GREEDY), NO_STOP)
+            started[index].set()
+            results[index] = collect(stream)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            results[index] = error
+
+    threads = [threading.Thread(target=request, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for index, ((ids, max_tokens), want, result) in enumerate(zip(prompts, expected, results)):
+        assert not isinstance(result, BaseException), f"prompt {index}: {result!r}"
+        tokens, reasons = result
+        assert tokens[0] == want, (f"prompt {index} ({len(ids)} tokens): {tokenizer.decode(tokens[0])!r} != "
+                                   f"generate's {tokenizer.decode(want)!r}")
+        assert reasons == {0: "length"}
+    assert max(rows for rows, _, _ in slots.steps) == SLOTS
+    assert max(queued for _, queued, _ in slots.steps) > SLOTS, "no prompt waited for a slot"
+    assert any(any(t < s for s, t in zip(sources, targets)) for sources, targets in moves), \
+        f"no running sequence was moved down into a freed slot: {moves}"
+
+
+def test_n2_greedy_choices_both_equal_plain_generate(slots, reference_model, tokenizer):
+    prompt = "Question: what is 7 times 8?\nAnswer:"
+    ids = tokenizer(prompt)["input_ids"]
+    eos = tokenizer.eos_token_id
+    tokens_until_eos = greedy_ids(reference_model, ids, 10)
+    if eos in tokens_until_eos:
+        tokens_until_eos = tokens_until_eos[: tokens_until_eos.index(eos) + 1]
+    stream = slots.engine.start(ids, SamplingParams(n=2, temperature=0.0, max_tokens=10), frozenset({eos}))
+    tokens, reasons = collect(stream)
+    assert tokens == {0: tokens_until_eos, 1: tokens_until_eos}
+    want_reason = "stop" if tokens_until_eos[-1] == eos else "length"
+    assert reasons == {0: want_reason, 1: want_reason}
+    text = plain_generate(reference_model, prompt, max_new_tokens=10)
+    assert [tokenizer.decode(tokens[c], skip_special_tokens=True) for c in (0, 1)] == [text, text]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 6])
+def test_max_tokens_gives_exactly_that_many_tokens(slots, reference_model, tokenizer, max_tokens):
+    ids = tokenizer("1, 2, 3, 4,")["input_ids"]
+    tokens, reasons = collect(slots.engine.start(ids, SamplingParams(max_tokens=max_tokens, **GREEDY), NO_STOP))
+    assert tokens == {0: greedy_ids(reference_model, ids, max_tokens)}
+    assert reasons == {0: "length"}
+
+
+def test_stop_token_ends_the_choice_with_that_token_last(slots, reference_model, tokenizer):
+    ids = tokenizer("The capital of France is")["input_ids"]
+    want = greedy_ids(reference_model, ids, 12)
+    # the first k >= 3 whose token generate has not produced before: stopping on it ends after exactly k tokens
+    k = next(k for k in range(3, 12) if want[k - 1] not in want[: k - 1])
+    tokens, reasons = collect(slots.engine.start(ids, SamplingParams(max_tokens=12, **GREEDY),
+                                                 frozenset({want[k - 1]})))
+    assert tokens == {0: want[:k]}
+    assert reasons == {0: "stop"}
+
+
+def test_stop_token_as_the_first_token(slots, reference_model, tokenizer):
+    """The prompt's first answer token (from the prefill, not a decode step) is end-of-sequence."""
+    ids = tokenizer("The end.")["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert greedy_ids(reference_model, ids, 1) == [eos]
+    tokens, reasons = collect(slots.engine.start(ids, SamplingParams(temperature=0.0, max_tokens=8),
+                                                 frozenset({eos})))
+    assert tokens == {0: [eos]}
+    assert reasons == {0: "stop"}
+
+
+@pytest.mark.parametrize("room", [1, 4])
+def test_max_len_caps_prompt_plus_answer(slots, reference_model, long_ids, room):
+    ids = long_ids[: MAX_LEN - room]
+    tokens, reasons = collect(slots.engine.start(ids, SamplingParams(max_tokens=50, **GREEDY), NO_STOP))
+    assert tokens == {0: greedy_ids(reference_model, ids, room)}
+    assert reasons == {0: "length"}
+
+
+@pytest.mark.parametrize("length", [MAX_LEN, MAX_LEN + 5])
+def test_prompt_of_max_len_tokens_is_refused(slots, long_ids, length):
+    with pytest.raises(RequestError, match="--max-model-len") as refused:
+        slots.engine.start(long_ids[:length], SamplingParams(**GREEDY), NO_STOP)
+    assert f"{MAX_LEN - 1}" in refused.value.message
+    assert slots.engine.running() == 0
+
+
+def test_cancel_frees_the_slot_and_the_next_request_is_right(slots, reference_model, tokenizer):
+    ids = tokenizer("Once upon a time")["input_ids"]
+    stream = slots.engine.start(ids, SamplingParams(max_tokens=200, **GREEDY), NO_STOP)
+    updates = stream.updates(deadline=time.monotonic() + 30)
+    first_two = [next(updates), next(updates)]
+    assert [u.finish_reason for u in first_two] == [None, None]
+    stream.cancel()
+    rest = list(updates)  # ends at the cancel (after what was published before it)
+    assert all(u.finish_reason is None for u in rest) and len(first_two) + len(rest) < 20
+    assert wait_until(lambda: slots.engine.running() == 0, 5), f"still running: {slots.engine.running()}"
+
+    follow = tokenizer("The capital of France is")["input_ids"]
+    tokens, reasons = collect(slots.engine.start(follow, SamplingParams(max_tokens=8, **GREEDY), NO_STOP))
+    assert tokens == {0: greedy_ids(reference_model, follow, 8)}
+    assert reasons == {0: "length"}
+
+
+def test_top_k_1_sampling_equals_greedy(slots, reference_model, tokenizer):
+    ids = tokenizer("My favourite food is")["input_ids"]  # a second likeliest token near the first at most steps
+    params = SamplingParams(temperature=1.0, top_k=1, max_tokens=8, ignore_eos=True)
+    assert not params.is_greedy
+    tokens, reasons = collect(slots.engine.start(ids, params, NO_STOP))
+    assert tokens == {0: greedy_ids(reference_model, ids, 8)}
+    assert reasons == {0: "length"}
+
+
+def test_mixed_sampling_and_greedy_rows_in_one_step(slots, reference_model, tokenizer):
+    top_k_1 = SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=10, **GREEDY)
+    ids_k1 = tokenizer("My favourite food is")["input_ids"]
+    ids_sampled = tokenizer("Once upon a time")["input_ids"]
+    ids_greedy = tokenizer("The capital of France is")["input_ids"]
+    want_k1, want_greedy = greedy_ids(reference_model, ids_k1, 10), greedy_ids(reference_model, ids_greedy, 10)
+    slots.steps.clear()
+    streams = [slots.engine.start(ids_k1, top_k_1, NO_STOP), slots.engine.start(ids_sampled, sampled, NO_STOP),
+               slots.engine.start(ids_greedy, greedy, NO_STOP)]
+    (k1, k1_reasons), (drawn, drawn_reasons), (plain, plain_reasons) = [collect(s) for s in streams]
+    assert any(set(params) == {top_k_1, sampled, greedy} for _, _, params in slots.steps), \
+        "the three requests never decoded in one step"
+    assert k1 == {0: want_k1}
+    assert plain == {0: want_greedy}
+    assert len(drawn[0]) == 10 and all(0 <= t < len(tokenizer) for t in drawn[0])
+    assert k1_reasons == drawn_reasons == plain_reasons == {0: "length"}
+
+
+def test_paused_holds_the_loop_between_steps(slots, reference_model, tokenizer):
+    ids = tokenizer("1, 2, 3, 4,")["input_ids"]
+    with slots.engine.paused():
+        stream = slots.engine.start(ids, SamplingParams(max_tokens=4, **GREEDY), NO_STOP)
+        time.sleep(0.5)
+        assert stream._updates.empty(), "the loop ran the model while paused"
+    tokens, reasons = collect(stream)
+    assert tokens == {0: greedy_ids(reference_model, ids, 4)}
+    assert reasons == {0: "length"}
+
+
+def test_can_serve():
+    assert SlotBatching.can_serve(SamplingParams(temperature=0.7, top_p=0.9, top_k=5, n=3))
+    assert not SlotBatching.can_serve(SamplingParams(seed=1))
+    assert not SlotBatching.can_serve(SamplingParams(repetition_penalty=1.2))
+
+
+def test_loop_death_fails_open_and_queued_streams_and_refuses_new_ones(reference_model, tokenizer):
+    _, model = reference_model
+    calls = []
+    raised: list[EngineDied] = []
+    deaths: list[BaseException] = []
+
+    def on_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raised.append(EngineDied("injected at the third step"))
+            raise raised[0]
+
+    engine = SlotBatching(model, 1, 64, cache_bytes=2**30, cuda_graphs=False, on_death=deaths.append,
+                          on_step=on_step)
+    ids = tokenizer("The capital of France is")["input_ids"]
+    open_stream = engine.start(ids, SamplingParams(max_tokens=20, **GREEDY), NO_STOP)
+    queued_stream = engine.start(ids, SamplingParams(max_tokens=20, **GREEDY), NO_STOP)  # one slot: it waits
+    received = []
+    with pytest.raises(RuntimeError, match="loop died"):
+        for update in open_stream.updates(deadline=time.monotonic() + 30):
+            received.extend(update.token_ids)
+    # the prefill's token and two decode steps' tokens were published before the third step raised
+    assert received == greedy_ids(reference_model, ids, 3)
+    with pytest.raises(RuntimeError, match="loop died"):
+        collect(queued_stream, timeout_s=10)
+    assert len(deaths) == 1 and deaths[0] is raised[0]
+    time.sleep(0.2)
+    assert len(deaths) == 1 and len(calls) == 3
+    assert engine.running() == 0
+    with pytest.raises(RuntimeError, match="loop died"):
+        engine.start(ids, SamplingParams(**GREEDY), NO_STOP)
+
+
+def test_supports(reference_model):
+    config = reference_model[1].config  # as the server passes it: the loaded model's
+    assert supports(config, MAX_LEN)
+    windowed = copy.deepcopy(config)
+    windowed.sliding_window = MAX_LEN // 2
+    assert not supports(windowed, MAX_LEN)
+    windowed.sliding_window = MAX_LEN  # a window holding every sequence is plain causal attention
+    assert supports(windowed, MAX_LEN)
+    capped = copy.deepcopy(config)
+    capped.final_logit_softcapping = 30.0
+    assert not supports(capped, MAX_LEN)
+
+
+def test_cache_budget_sets_the_slots(reference_model):
+    _, model = reference_model
+    per_slot = SlotCache.bytes_per_token(model.config, torch.float32) * MAX_LEN
+    with pytest.raises(RuntimeError, match="--max-model-len"):
+        SlotBatching(model, 8, MAX_LEN, per_slot - 1, cuda_graphs=False, on_death=print, on_step=lambda: None)
+    engine = SlotBatching(model, 8, MAX_LEN, per_slot * 2, cuda_graphs=False, on_death=print, on_step=lambda: None)
+    assert engine.slots == 2
+    kv = engine.cache.kv
+    assert kv.shape[2] == 2 and kv.shape[4] == MAX_LEN
+    assert kv.numel() * kv.element_size() == per_slot * 2  # bytes_per_token is what the cache really takes
+    assert SlotBatching(model, 8, MAX_LEN, per_slot * 2 - 1, cuda_graphs=False, on_death=print,
+                        on_step=lambda: None).slots == 1
+    assert SlotBatching(model, 2, MAX_LEN, per_slot * 5, cuda_graphs=False, on_death=print,
+                        on_step=lambda: None).slots == 2  # no more than asked for
