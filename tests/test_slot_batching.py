@@ -25,7 +25,7 @@ from transformers_slots import SlotBatching, SlotCache, supports
 
 MAX_LEN = 256  # length buckets 128 and 256
 SLOTS = 3
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
 NO_STOP: frozenset[int] = frozenset()  # the server's stop set when ignore_eos is set and no stop_token_ids
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
