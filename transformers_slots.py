@@ -48,7 +48,8 @@ def supports(config, max_len: int) -> bool:
         and getattr(text, "final_logit_softcapping", None) is None
         and getattr(text, "attn_logit_softcapping", None) is None
         and all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ())
-        and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        # None: not chosen yet (a config not attached to a model), which becomes SDPA
+        and (getattr(config, "_attn_implementation", None) or "sdpa") in ("sdpa", "eager")
     )
 
 
@@ -175,15 +176,15 @@ class SlotBatching:
     # -- what request threads call -------------------------------------------------------------------------------
 
     def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
-        if self._loop_error is not None:
-            raise RuntimeError(f"the generation loop died: {self._loop_error}")
         if len(prompt_ids) >= self.max_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.max_len - 1} (--max-model-len {self.max_len})")
         sequences: list[_Sequence] = []
         stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences))
         sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids) for choice in range(params.n))
-        with self._wakeup:
+        with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued
+            if self._loop_error is not None:
+                raise RuntimeError(f"the generation loop died: {self._loop_error}")
             self._waiting.extend(sequences)
             self._wakeup.notify()
         return stream
@@ -376,10 +377,10 @@ class SlotBatching:
 
     def _fail_all(self, error: BaseException) -> None:
         log.error("slot batching loop died: %s", error)
-        self._loop_error = error
-        self.on_death(error)
         with self._wakeup:
+            self._loop_error = error
             sequences = self._running + list(self._waiting)
             self._running, self._waiting = [], deque()
+        self.on_death(error)
         for sequence in sequences:
             sequence.stream.fail(RuntimeError(f"the generation loop died: {error}"))

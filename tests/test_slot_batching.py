@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from conftest import plain_generate
 from engine import EngineDied
@@ -328,9 +329,11 @@ def test_loop_death_fails_open_and_queued_streams_and_refuses_new_ones(reference
         engine.start(ids, SamplingParams(**GREEDY), NO_STOP)
 
 
-def test_supports(reference_model):
+def test_supports(reference_model, embedded_model_dir):
     config = reference_model[1].config  # as the server passes it: the loaded model's
     assert supports(config, MAX_LEN)
+    # A config not attached to a model yet has no attention implementation chosen (None): SDPA by default.
+    assert supports(AutoConfig.from_pretrained(embedded_model_dir), MAX_LEN)
     windowed = copy.deepcopy(config)
     windowed.sliding_window = MAX_LEN // 2
     assert not supports(windowed, MAX_LEN)
