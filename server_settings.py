@@ -98,11 +98,13 @@ class ServerSettings(BaseSettings):
         "shapes appear) instead of launching every kernel",
     )
     threads: int = _setting(
-        128, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
+        256, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
         ge=1, le=4096,
     )
-    max_batch_size: int = _setting(
-        32, "MAX_BATCH_SIZE", "--max-batch-size", "sequences the transformers engine runs in one batch", ge=1
+    max_batch_size: int | None = _setting(
+        None, "MAX_BATCH_SIZE", "--max-batch-size",
+        "transformers engine: sequences per batched generate (default 32), and slots per worker (default 128, fewer "
+        "when their cache does not fit)", ge=1
     )
     batching: Literal["auto", "generate", "continuous", "slots"] = _setting(
         "auto", "BATCHING", "--batching",
@@ -134,7 +136,8 @@ class ServerSettings(BaseSettings):
         # The original launcher passed the string "None" for unset options.
         return None if value in ("", "None", "none") else value
 
-    @field_validator("max_model_len", "slice_wait", "enforce_eager", "fault_inject_after_steps", mode="before")
+    @field_validator("max_model_len", "max_batch_size", "slice_wait", "enforce_eager", "fault_inject_after_steps",
+                     mode="before")
     @classmethod
     def _empty_number_is_unset(cls, value):
         return None if value in ("", "None", "none") else value

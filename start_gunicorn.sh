@@ -33,7 +33,7 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
                              graphs, captured at load and as shapes appear    [CUDA_GRAPHS]
   --timeout S                seconds before a silent worker is killed; also
                              the graceful drain on stop                       [WORKER_TIMEOUT=300]
-  --threads N                concurrent connections per worker               [THREADS=128]
+  --threads N                concurrent connections per worker               [THREADS=256]
   --max-requests N           requests before a worker is recycled; 0: never   [MAX_REQUESTS=0]
   --api-key KEY              Bearer key the generation routes require         [API_KEY]
   --api-key-file F           file of accepted keys, one per line              [API_KEY_FILE]
@@ -43,7 +43,8 @@ Serve a language model on every GPU of this machine (or on CPU without one): POS
   --request-timeout S        per-request deadline; then 504                   [REQUEST_TIMEOUT=600]
   --max-body-bytes N         largest request body; beyond: 413                [MAX_BODY_BYTES=8388608]
   --max-instances N          prompts per request at most                      [MAX_INSTANCES=256]
-  --max-batch-size N         sequences per batch (transformers engine)        [MAX_BATCH_SIZE=32]
+  --max-batch-size N         transformers engine: sequences per batched
+                             generate (32), slots per worker (128)            [MAX_BATCH_SIZE]
   --batching MODE            transformers engine: slots (own continuous
                              batching, CUDA graphs), continuous (transformers'
                              own), generate, or auto (slots on GPU, generate

@@ -57,6 +57,10 @@ BATCHING_NAMES = {SlotBatching: "slots", ContinuousBatching: "continuous"}
 
 # Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
 SCORING_TOKEN_BUDGET = 4096
+# --max-batch-size's defaults: rows per batched generate (CPU memory and latency), and slot batching's sequences per
+# worker (on GPU; within --threads 256 with --max-waiting 64 more)
+GENERATE_BATCH_SIZE = 32
+SLOTS_PER_WORKER = 128
 # Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
 # is headroom for the batched-generate path and vocabulary-sized temporaries.
 KV_CACHE_MEMORY_SHARE = 0.7
@@ -174,7 +178,7 @@ class _RawLogprobs(LogitsProcessor):
 class TransformersEngine(Engine):
     def __init__(self, model_path: str, model_name: str, settings: ServerSettings):
         self.model_name = model_name
-        self.max_batch_size = settings.max_batch_size
+        self.max_batch_size = settings.max_batch_size or GENERATE_BATCH_SIZE
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
         if self.tokenizer.pad_token_id is None:
@@ -221,7 +225,7 @@ class TransformersEngine(Engine):
             raise RuntimeError("--batching slots needs plain causal attention over the whole sequence; this model "
                                "has sliding windows, soft-capping or mixed layer types: use --batching continuous")
         if settings.batching == "slots" or (settings.batching == "auto" and slots_fit):
-            return SlotBatching(self.model, settings.max_batch_size, self.max_model_len,
+            return SlotBatching(self.model, settings.max_batch_size or SLOTS_PER_WORKER, self.max_model_len,
                                 self._slot_cache_bytes(settings),
                                 cuda_graphs=self.device.type == "cuda" and not settings.enforce_eager,
                                 on_death=self.die, on_step=self.step_taken)
