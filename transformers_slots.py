@@ -63,27 +63,28 @@ def _buckets(largest: int, smallest: int = 1) -> list[int]:
     return sizes + [largest]
 
 
+def _layers_heads_dim(config) -> tuple[int, int, int]:
+    """Layers, key/value heads and head size: the shape of one token's keys and values."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return text.num_hidden_layers, kv_heads, getattr(text, "head_dim", None) or text.hidden_size // heads
+
+
 class SlotCache:
     """The KV cache the model gets as `past_key_values`: one row (slot) per running sequence, each as long as the
     longest sequence served. What `update` does is set by the step about to run (`for_decode` or `for_prefill`)."""
 
     def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        self.kv = torch.zeros(2, text.num_hidden_layers, slots, kv_heads, max_len, head_dim, dtype=dtype,
-                              device=device)
+        layers, kv_heads, head_dim = _layers_heads_dim(config)
+        self.kv = torch.zeros(2, layers, slots, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self._decode: tuple[int, int, torch.Tensor] | None = None  # rows, length, write positions
         self._prefill: tuple[int, int, int] | None = None  # first slot, prompts, prompt width
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        layers, kv_heads, head_dim = _layers_heads_dim(config)
+        return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
     def for_decode(self, rows: int, length: int, positions: torch.Tensor) -> None:
         """Next: one token for each of the first `rows` slots, written at `positions`; attention reads the first
@@ -304,10 +305,9 @@ class SlotBatching:
         rows = next(size for size in self._batch_buckets if size >= len(self._running))
         longest = max(sequence.position for sequence in self._running)
         length = next(size for size in self._length_buckets if size > longest)
-        inputs = torch.zeros(2, rows, dtype=torch.long)  # rows past the running ones: token 0 at column 0
-        inputs[0, : len(self._running)] = torch.tensor([s.last_token for s in self._running])
-        inputs[1, : len(self._running)] = torch.tensor([s.position for s in self._running])
-        self._inputs[:, :rows].copy_(inputs)
+        padding = [0] * (rows - len(self._running))  # rows past the running ones: token 0 at column 0
+        self._inputs[:, :rows].copy_(torch.tensor([[s.last_token for s in self._running] + padding,
+                                                   [s.position for s in self._running] + padding]))
         if self._graphs:
             self._graphs[(rows, length)].replay()
             logits = self._logits[:rows]

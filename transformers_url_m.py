@@ -46,9 +46,8 @@ from engine import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogp
 from request_schema import SamplingParams
 from server_settings import ServerSettings
 from serving import app_for
-import transformers_slots
 from transformers_continuous import ContinuousBatching
-from transformers_slots import SlotBatching
+from transformers_slots import SlotBatching, supports
 
 log = logging.getLogger("gunicorn.error")
 
@@ -218,9 +217,7 @@ class TransformersEngine(Engine):
             log.warning("worker %s: the model spans several GPUs; serving with batched generate", os.getpid())
         if not wanted or len(devices) > 1:
             return None
-        # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
-        memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
-        slots_fit = transformers_slots.supports(self.model.config, self.max_model_len)
+        slots_fit = supports(self.model.config, self.max_model_len)
         if settings.batching == "slots" and not slots_fit:
             raise RuntimeError("--batching slots needs plain causal attention over the whole sequence; this model "
                                "has sliding windows, soft-capping or mixed layer types: use --batching continuous")
@@ -230,6 +227,8 @@ class TransformersEngine(Engine):
                                 cuda_graphs=self.device.type == "cuda" and not settings.enforce_eager,
                                 on_death=self.die, on_step=self.step_taken)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
+        memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
         return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die,
                                   cuda_graphs=settings.cuda_graphs and self.device.type == "cuda")
 
@@ -259,6 +258,7 @@ class TransformersEngine(Engine):
             "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "layers_on": placed_on or [str(self.device)],
             "batching": BATCHING_NAMES.get(type(self.continuous), "generate"),
+            **({"slots": self.continuous.slots} if isinstance(self.continuous, SlotBatching) else {}),
             "running": self.running(),
         }
 

@@ -19,14 +19,17 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Question: what is 7 times
 
 @pytest.fixture(scope="module", params=["slots", "continuous"])
 def server(start_server, request):
-    server = start_server("--cpu-workers", "1", "--batching", request.param, "--max-model-len", "512")
+    server = start_server("--cpu-workers", "1", "--batching", request.param, "--max-model-len", "128")
     server.wait_until_ready(workers=1)
     server.batching = request.param
     return server
 
 
 def test_ready_reports_the_batching(server):
-    assert requests.get(f"{server.url}/ready").json()["batching"] == server.batching
+    ready = requests.get(f"{server.url}/ready").json()
+    assert ready["batching"] == server.batching
+    if server.batching == "slots":  # the default: 128 slots per worker (128-token slots fit in its 1 GiB on CPU)
+        assert ready["slots"] == 128
 
 
 def test_greedy_answers_equal_plain_generate(server, reference_model):
