@@ -1,7 +1,8 @@
 """What a request must pass before any engine work: an API key, a body size, and room in the worker.
 
-- API keys (--api-key, --api-key-file): Bearer authentication on every generation route, compared in constant
-  time; /health, /ready, /metrics, /workers and the monitor page stay open unless --protect-monitoring.
+- API keys (--api-key, --api-key-file): Bearer authentication on every generation route and the tokenizer's,
+  compared in constant time; /health, /ready, /metrics, /workers and the monitor page stay open unless
+  --protect-monitoring.
 - Body size (--max-body-bytes): larger bodies get 413 before they are read.
 - Backpressure (--max-waiting): a worker holding that many requests that have not had a first token refuses the
   next one at once with 503 and Retry-After, rather than letting it queue into a timeout.
@@ -17,7 +18,7 @@ from http_common import request_stats
 from request_schema import RequestError
 from server_settings import ServerSettings
 
-GENERATION_BLUEPRINTS = {"native", "openai"}
+GENERATION_BLUEPRINTS = {"native", "openai", "tokenizer"}
 
 
 def install_guards(app: Flask, settings: ServerSettings) -> None:

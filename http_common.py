@@ -1,6 +1,7 @@
 """What every route shares: the worker's engine, the JSON body, prompt encoding, and the one error shape.
 
-Routes live in native_api.py (/infer, /generate) and openai_api.py (/v1); the app that holds them in serving.py.
+Routes live in native_api.py (/infer, /generate), openai_api.py (/v1) and tokenizer_api.py (/tokenize, ...); the app
+that holds them in serving.py.
 """
 
 from __future__ import annotations
@@ -8,18 +9,22 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from flask import Response, current_app, g, jsonify, request
+from pydantic import BaseModel, ValidationError
 
 from engine import DeadlineExceeded, Engine
 from generation import TextGeneration
 from metrics import RequestStats
-from request_schema import RequestError, SamplingParams
+from request_schema import RequestError, SamplingParams, as_request_error
 
 ENGINE_KEY = "llm_engine_slot"
 
 log = logging.getLogger("gunicorn.error")
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+_warned_keys: set[tuple[str, str]] = set()
 
 
 class EngineLoading(Exception):
@@ -102,14 +107,32 @@ def read_json_body():
         raise RequestError(f"malformed JSON body: {error}") from None
 
 
+def parse_body(model: type[RequestModel], body: Any, route: str) -> RequestModel:
+    """A JSON object validated as `model` (which allows extra keys): keys it does not know are ignored, as vLLM's
+    server does, with a warning."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as error:
+        raise as_request_error(error) from None
+    warn_ignored_keys(route, list(parsed.model_extra or ()))
+    return parsed
+
+
+def warn_ignored_keys(route: str, keys: list[str]) -> None:
+    """Log keys a route ignores, once per route, key and worker: clients send the same extra keys every time."""
+    for key in sorted({(route, key) for key in keys} - _warned_keys):
+        log.warning("%s: ignoring unknown key %r (warned once per worker)", *key)
+        _warned_keys.add(key)
+
+
 def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParams) -> list[int]:
     """The prompt's token ids (a list of ids is taken as is), refused when it and `max_tokens` exceed the context."""
-    ids = list(prompt) if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
+    ids = list(prompt) if isinstance(prompt, list) else encode_text(engine, prompt)
     if not ids:
         raise RequestError("the prompt is empty", "prompt")
-    vocab = len(engine.tokenizer)
-    if any(not 0 <= token < vocab for token in ids):
-        raise RequestError(f"prompt token ids must be between 0 and {vocab - 1}", "prompt")
+    check_token_ids(engine, ids, "prompt")
     if len(ids) + (0 if params.scores_prompt else params.max_tokens) > engine.max_model_len:
         raise RequestError(
             f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: together more than "
@@ -117,6 +140,29 @@ def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParam
             "max_tokens",
         )
     return ids
+
+
+def encode_text(engine: Engine, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # JSON may carry a lone surrogate; the tokenizer would fail on it with a TypeError
+        raise RequestError(f"{param}: the text is not valid Unicode (it holds a lone surrogate)", param) from None
+    return engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
+    vocab = len(engine.tokenizer)
+    if any(not 0 <= token < vocab for token in ids):
+        raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}", param)
+
+
+def check_model_name(engine: Engine, requested: str | None) -> None:
+    """A request naming a model must name the one served (OpenAI's and vLLM's 404 otherwise)."""
+    if requested is not None and requested != engine.model_name:
+        raise RequestError(
+            f"The model `{requested}` does not exist; this server serves `{engine.model_name}`.",
+            "model", status=404, error_type="not_found_error",
+        )
 
 
 def error_response(status: int, message: str, error_type: str, param: str | None = None) -> tuple[Response, int]:

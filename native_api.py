@@ -1,5 +1,6 @@
 """The server's own routes: `/infer` (the evaluation toolkit's contract) and `/generate` (grps-vllm's).
 
+`/vllm-url-infer` is `/infer` under the URL the toolkit's scripts use for a vLLM server: one contract, both engines.
 `/infer` takes `{"instances": [...], "params": {...}}` and answers a bare JSON list, or with `"stream": true` one
 JSON line per text delta. `/generate` takes `{"prompt", "temperature", "top_p", "max_tokens", ...}` and answers
 the generated text, streamed as it is produced with `?streaming=true` or `"stream": true`.
@@ -18,19 +19,20 @@ from generation import TextGeneration
 from guards import admit
 from http_common import (
     check_prompt_count, current_engine, deadline, encode_prompt, error_body, read_json_body, start_generation,
+    warn_ignored_keys,
 )
 from request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
 
 native = Blueprint("native", __name__)
-_warned_keys: set[str] = set()
 
 
 @native.post("/infer")
+@native.post("/vllm-url-infer")
 def infer():
     infer_request, ignored = parse_infer_request(read_json_body())
-    _warn_ignored("/infer", ignored)
+    warn_ignored_keys(request.path, ignored)
     check_prompt_count(len(infer_request.instances))
     engine = current_engine()
     params = infer_request.params
@@ -77,7 +79,7 @@ def generate():
         raise RequestError("stream: a boolean is expected", "stream")
     stream = body.get("stream", False) or request.args.get("streaming", "").lower() in ("1", "true", "yes")
     fields = {key: value for key, value in body.items() if key not in ("prompt", "stream")}
-    _warn_ignored("/generate", sorted(set(fields) - set(SamplingParams.model_fields)))
+    warn_ignored_keys("/generate", sorted(set(fields) - set(SamplingParams.model_fields)))
     try:
         params = SamplingParams.model_validate(
             {key: value for key, value in fields.items() if key in SamplingParams.model_fields}
@@ -106,9 +108,3 @@ def _text_chunks(generation: TextGeneration):
         log.warning("/generate stream ended early: %s", error_body(error)["error"]["message"])
     finally:  # the client left: its generation stops
         generation.cancel()
-
-
-def _warn_ignored(route: str, keys: list[str]) -> None:
-    for key in set(keys) - _warned_keys:
-        log.warning("%s: ignoring unknown key %r (warned once per worker)", route, key)
-        _warned_keys.add(key)

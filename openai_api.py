@@ -22,14 +22,14 @@ from engine import ClientGone, Engine, TokenLogprob
 from generation import TextGeneration
 from guards import admit
 from http_common import (
-    check_prompt_count, current_engine, deadline, encode_prompt, error_body, read_json_body, start_generation,
+    check_model_name, check_prompt_count, current_engine, deadline, encode_prompt, encode_text, error_body,
+    parse_body, read_json_body, start_generation,
 )
 from request_schema import RequestError, SamplingParams, as_request_error
 
 log = logging.getLogger("gunicorn.error")
 
 openai_api = Blueprint("openai", __name__, url_prefix="/v1")
-_warned_keys: set[str] = set()
 
 
 class StreamOptions(BaseModel):
@@ -102,28 +102,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def _parse(model: type[BaseModel], route: str):
-    body = read_json_body()
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object")
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as error:
-        raise as_request_error(error) from None
-    for key in set(parsed.model_extra or ()) - _warned_keys:
-        log.warning("%s: ignoring unknown key %r (warned once per worker)", route, key)
-        _warned_keys.add(key)
-    return parsed
-
-
-def _check_model(engine: Engine, requested: str | None) -> None:
-    if requested is not None and requested != engine.model_name:
-        raise RequestError(
-            f"The model `{requested}` does not exist; this server serves `{engine.model_name}`.",
-            "model", status=404, error_type="not_found_error",
-        )
-
-
 def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     fields = {
         key: getattr(request, key)
@@ -151,9 +129,9 @@ def models():
 
 @openai_api.post("/completions")
 def completions():
-    request = _parse(CompletionRequest, "/v1/completions")
+    request = parse_body(CompletionRequest, read_json_body(), "/v1/completions")
     engine = current_engine()
-    _check_model(engine, request.model)
+    check_model_name(engine, request.model)
     params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
     check_prompt_count(len(request.prompts()))
     prompts = [encode_prompt(engine, prompt, params) for prompt in request.prompts()]
@@ -250,10 +228,10 @@ def _completion_events(answer, prompts, generations, echoed, include_usage) -> I
 
 @openai_api.post("/chat/completions")
 def chat_completions():
-    request = _parse(ChatCompletionRequest, "/v1/chat/completions")
+    request = parse_body(ChatCompletionRequest, read_json_body(), "/v1/chat/completions")
     engine = current_engine()
-    _check_model(engine, request.model)
-    prompt = _chat_prompt(engine, request.messages)
+    check_model_name(engine, request.model)
+    prompt = chat_prompt_ids(engine, request.messages)
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     # Without a limit, the answer may fill what the context leaves after the prompt.
@@ -279,14 +257,17 @@ def chat_completions():
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
 
 
-def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt_ids(engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """The messages through the model's chat template, tokenized (also /tokenize's, with vLLM's options)."""
     conversation = [{"role": message.role, "content": message.text()} for message in messages]
     try:
-        text = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message, tokenize=False)
     except Exception as error:  # noqa: BLE001 - a template that refuses this conversation is the client's problem
         raise RequestError(f"the model's chat template rejected the messages: {error}", "messages") from None
-    # The template already wrote any special tokens it wants.
-    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # By default the template alone writes the special tokens it wants.
+    return encode_text(engine, text, add_special_tokens, "messages")
 
 
 def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:

@@ -2,8 +2,8 @@
 
 `GET /openapi.json` (serving.py) answers `openapi_json()`: built once per process from `model_json_schema`-style
 output of the request models (request_schema.InferRequest and SamplingParams; openai_api.CompletionRequest and
-ChatCompletionRequest; `GenerateRequest` below for `/generate`, whose handler reads its body by hand) and of small
-response models below. Every `$ref` points into `components/schemas`; numeric bounds (ge/le/gt/lt) stay in the
+ChatCompletionRequest; tokenizer_api's requests; `GenerateRequest` below for `/generate`, whose handler reads its body
+by hand) and of small response models below. Every `$ref` points into `components/schemas`; numeric bounds (ge/le/gt/lt) stay in the
 document, so a fuzzer (tests/test_fuzz.py runs schemathesis against it) explores the edges.
 
 A few adjustments say what the handlers do around the models, so the document describes the server a client sees:
@@ -13,6 +13,8 @@ A few adjustments say what the handlers do around the models, so the document de
 - The OpenAI requests' sampling fields are validated again as SamplingParams (openai_api._sampling_params):
   they carry SamplingParams' bounds here.
 - `stop` takes one string or a list; stop strings and prompts must not be empty.
+- `/tokenize` takes a body with `messages` as a conversation, any other as a text; a conversation may not ask for
+  both `continue_final_message` and `add_generation_prompt` (true by default).
 - `/infer` takes `"params": null` as the defaults; `/generate` streams for `"stream": true` and answers whole for any
   other value.
 - Streams: `/v1` server-sent events are described one event at a time (OpenAPI 3.1's reading of a text/event-stream
@@ -31,6 +33,7 @@ from pydantic.json_schema import models_json_schema
 
 from openai_api import ChatCompletionRequest, CompletionRequest
 from request_schema import InferRequest, SamplingParams
+from tokenizer_api import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -50,6 +53,10 @@ class GenerateRequest(SamplingParams):
                                            "any other value answers whole")
     n: int = Field(1, ge=1, le=1, description="/generate answers one text; use /infer or /v1/completions for more")
     prompt_logprobs: None = Field(None, description="not on /generate; use /infer")
+
+
+class TokenizeRequest(RootModel[TokenizeCompletionRequest | TokenizeChatRequest]):
+    """`POST /tokenize`: a text (`prompt`) or a conversation (`messages`; a body with `messages` is one)."""
 
 
 # -- response bodies ---------------------------------------------------------------------------------------------
@@ -176,6 +183,24 @@ class ChatCompletionChunk(_Open):
     usage: Usage | None
 
 
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="how many tokens")
+    max_model_len: int = Field(description="the model's context, in tokens")
+    tokens: list[int]
+    token_strs: list[str] | None = Field(description="the tokens as strings, with `return_token_strs`")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the tokens' text, special tokens included")
+
+
+class TokenizerInfo(_Open):
+    """The tokenizer's configuration as in its tokenizer_config.json (special tokens as text), as vLLM answers it."""
+
+    tokenizer_class: str
+    chat_template: str | None = Field(None, description="the model's chat template (Jinja), when it has one")
+
+
 class ModelCard(_Open):
     id: str
     object: Literal["model"]
@@ -215,9 +240,9 @@ class Workers(BaseModel):
 
 
 _MODELS: list[type[BaseModel]] = [
-    InferRequest, SamplingParams, GenerateRequest, CompletionRequest, ChatCompletionRequest,
-    ErrorResponse, InferResponse, InferStreamLine, CompletionResponse, ChatCompletionResponse, ChatCompletionChunk,
-    ModelList, Health, Ready, Workers,
+    InferRequest, SamplingParams, GenerateRequest, CompletionRequest, ChatCompletionRequest, TokenizeRequest,
+    DetokenizeRequest, ErrorResponse, InferResponse, InferStreamLine, CompletionResponse, ChatCompletionResponse,
+    ChatCompletionChunk, TokenizeResponse, DetokenizeResponse, TokenizerInfo, ModelList, Health, Ready, Workers,
 ]
 
 # openai_api._sampling_params: the OpenAI request fields validated again as these SamplingParams fields.
@@ -271,6 +296,7 @@ def _adjust(schemas: dict[str, dict]) -> None:
                 _copy_bounds(properties[field], sampling["properties"][sampling_field])
         properties["stop"] = _stop_schema("strings that end generation; not part of the answer") | {
             "title": "Stop"}
+    _adjust_tokenize(schemas)
     # Prompts: a string, a list of strings, token ids, or lists of token ids; none of them empty.
     for branch in _branches(schemas["CompletionRequest"]["properties"]["prompt"]):
         if branch.get("type") == "string":
@@ -285,6 +311,15 @@ def _adjust(schemas: dict[str, dict]) -> None:
             elif items.get("type") == "array":
                 items["minItems"] = 1
                 items["items"]["minimum"] = 0
+
+
+def _adjust_tokenize(schemas: dict[str, dict]) -> None:
+    """tokenizer_api.tokenize's choice between its two shapes, and the chat shape's one refused combination."""
+    schemas["TokenizeCompletionRequest"]["properties"]["messages"] = False  # a body with messages is a chat
+    schemas["TokenizeChatRequest"] |= {
+        "if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
+        "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}},
+    }
 
 
 def _component_schemas() -> dict[str, dict]:
@@ -386,21 +421,31 @@ def _get(summary: str, ok: dict, errors: tuple[str, ...], operation_id: str, tag
     return {"get": operation}
 
 
+def _infer(summary: str, operation_id: str) -> dict:
+    """`/infer`'s operation: also served as `/vllm-url-infer`, the same handler."""
+    return _post(
+        summary,
+        "The answer is a JSON list, one entry per instance. With `\"stream\": true`, one JSON object per line "
+        "as text is produced (InferStreamLine). With `params.prompt_logprobs` set, each entry is the prompt's "
+        "per-token log-probabilities instead.",
+        "InferRequest",
+        _ok("the texts, or the prompts' log-probabilities", {
+            **_json("InferResponse"),
+            "application/x-ndjson": {"schema": {"type": "string",
+                                                "description": "InferStreamLine objects, one per line"}},
+        }),
+        _GENERATION_ERRORS, operation_id, "native",
+    )
+
+
+_TOKENIZER_ERRORS = ("400", "401", "404", "413", "503")
+
+
 def _paths() -> dict[str, dict]:
     return {
-        "/infer": _post(
-            "Generate for a batch of prompts (the evaluation toolkit's contract)",
-            "The answer is a JSON list, one entry per instance. With `\"stream\": true`, one JSON object per line "
-            "as text is produced (InferStreamLine). With `params.prompt_logprobs` set, each entry is the prompt's "
-            "per-token log-probabilities instead.",
-            "InferRequest",
-            _ok("the texts, or the prompts' log-probabilities", {
-                **_json("InferResponse"),
-                "application/x-ndjson": {"schema": {"type": "string",
-                                                    "description": "InferStreamLine objects, one per line"}},
-            }),
-            _GENERATION_ERRORS, "infer", "native",
-        ),
+        "/infer": _infer("Generate for a batch of prompts (the evaluation toolkit's contract)", "infer"),
+        "/vllm-url-infer": _infer("`/infer` under the evaluation toolkit's URL for a vLLM server (the same contract "
+                                  "on both engines)", "vllm_url_infer"),
         "/generate": _post(
             "Generate one text for one prompt (grps-vllm compatible)",
             "The body is `prompt`, the sampling params at the top level, and `stream`. The answer is the generated "
@@ -429,6 +474,22 @@ def _paths() -> dict[str, dict]:
                                          "text/event-stream": _events("ChatCompletionChunk")}),
             (*_GENERATION_ERRORS, "404"), "chat_completions", "openai",
         ),
+        "/tokenize": _post(
+            "Tokenize a text or a conversation with the model's tokenizer (vLLM's /tokenize)",
+            "A `prompt` is tokenized as it is (with `add_special_tokens`, by default true); `messages` go through the "
+            "chat template as on /v1/chat/completions. Nothing is generated.",
+            "TokenizeRequest", _ok("the token ids", _json("TokenizeResponse")), _TOKENIZER_ERRORS, "tokenize",
+            "tokenizer",
+        ),
+        "/detokenize": _post(
+            "Token ids to text with the model's tokenizer (vLLM's /detokenize)",
+            "Ids outside the vocabulary are a 400.",
+            "DetokenizeRequest", _ok("the text", _json("DetokenizeResponse")), _TOKENIZER_ERRORS, "detokenize",
+            "tokenizer",
+        ),
+        "/tokenizer_info": _get("The tokenizer's configuration and chat template (vLLM's /tokenizer_info)",
+                                _ok("tokenizer_config.json's keys, special tokens as text", _json("TokenizerInfo")),
+                                ("401", "503"), "tokenizer_info", "tokenizer"),
         "/v1/models": _get("The served model", _ok("the one model this server serves", _json("ModelList")),
                            ("401", "503"), "models", "openai"),
         "/health": _get("Liveness: 200 while the worker process lives, also while its model loads",
@@ -456,12 +517,13 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "gunicorn-llm",
             "version": "1",
-            "description": "A Gunicorn pre-fork LLM server: the evaluation toolkit's /infer, grps-vllm's /generate "
-                           "and an OpenAI-compatible API. Errors are `{\"error\": {message, type, param, code}}`. "
-                           "With --api-key the generation routes (and with --protect-monitoring all routes) need "
+            "description": "A Gunicorn pre-fork LLM server: the evaluation toolkit's /infer, grps-vllm's /generate, "
+                           "an OpenAI-compatible API and vLLM's tokenizer routes. Errors are "
+                           "`{\"error\": {message, type, param, code}}`. With --api-key the generation and "
+                           "tokenizer routes (and with --protect-monitoring all routes) need "
                            "`Authorization: Bearer <key>`.",
         },
-        "tags": [{"name": "native"}, {"name": "openai"}, {"name": "monitoring"}],
+        "tags": [{"name": "native"}, {"name": "openai"}, {"name": "tokenizer"}, {"name": "monitoring"}],
         "paths": _paths(),
         "components": {
             "schemas": _component_schemas(),

@@ -124,4 +124,5 @@ def as_request_error(error: ValidationError) -> RequestError:
     message = problem["msg"]
     if problem["type"] == "missing":
         message = "field required"
+    message = message.removeprefix("Value error, ")  # a validator's own message says it all
     return RequestError(f"{param}: {message}" if param else message, param)

@@ -29,6 +29,7 @@ from monitor import monitor
 from native_api import native
 from openai_api import openai_api
 from openapi_spec import openapi_json
+from tokenizer_api import tokenizer_api
 from request_schema import RequestError
 from model_store import EMBEDDED_MODEL_NAME, resolve_model
 from server_settings import ServerSettings, load_settings
@@ -93,6 +94,7 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     app.extensions[ENGINE_KEY] = slot = EngineSlot(build, app)
     app.register_blueprint(native)
     app.register_blueprint(openai_api)
+    app.register_blueprint(tokenizer_api)
     app.register_blueprint(monitor)
     _log_access_lines_to_stdout()
     metrics.start_gpu_sampler()

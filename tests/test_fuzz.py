@@ -54,7 +54,8 @@ N_CAP = 2
 PROMPTS_CAP = 2
 
 ROUTES = {
-    ("POST", "/infer"), ("POST", "/generate"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+    ("POST", "/infer"), ("POST", "/vllm-url-infer"), ("POST", "/generate"), ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"),
     ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/workers"),
 }
 
@@ -145,6 +146,13 @@ def test_openapi_document_accepts_the_documented_requests():
     assert not valid("CompletionRequest", {"prompt": "x", "temperature": -1})
     assert valid("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert not valid("ChatCompletionRequest", {"messages": []})
+    chat = [{"role": "user", "content": "hi"}]
+    assert valid("TokenizeRequest", {"prompt": "hi", "add_special_tokens": False})
+    assert valid("TokenizeRequest", {"messages": chat, "add_generation_prompt": False, "continue_final_message": True})
+    assert not valid("TokenizeRequest", {"messages": chat, "continue_final_message": True})  # the generation prompt
+    assert not valid("TokenizeRequest", {"prompt": "hi", "messages": "hi"})  # with messages it is a conversation
+    assert not valid("TokenizeRequest", {})
+    assert valid("DetokenizeRequest", {"tokens": [1, 2]}) and not valid("DetokenizeRequest", {"tokens": [-1]})
 
 
 # -- the live server ---------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def _bound_generation(case, context: int) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    if case.path == "/infer":
+    if case.path in ("/infer", "/vllm-url-infer"):
         _first_prompts(body, "instances")
         target = body.get("params")
     else:
