@@ -42,6 +42,7 @@ class ChoiceUpdate:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
     finish_reason: str | None = None  # None while running; "stop": a stop or end-of-sequence token; "length"
     at: float = field(default_factory=time.monotonic)  # when the engine produced it (not when it was read)
+    first_at: float | None = None  # several updates merged into one: when the first of them was produced
 
 
 _END = object()
@@ -61,14 +62,29 @@ class GenerationStream:
 
     The engine calls `publish` from its own thread; one request thread iterates. `cancel` stops the generation in
     the engine (a client that left, a stop string found) and ends the iteration.
+
+    A reader that falls behind gets what queued up merged into one update per choice, so that a busy worker
+    decodes and writes once per read rather than once per token. A stream that is not `incremental` (a whole
+    answer, no stop strings to watch) hands over its first update (the request is running) and then each choice
+    once, when it finishes: its reader does not wake per token.
     """
 
     choices: int
     abort: Callable[[], None]
+    incremental: bool = True
     _updates: queue.Queue = field(default_factory=queue.Queue)
+    _held: dict = field(default_factory=dict)  # choice -> its updates since the first, merged (not incremental)
+    _published: bool = False
     cancelled: bool = False
 
     def publish(self, update: ChoiceUpdate) -> None:
+        if not self.incremental and self._published:
+            held = self._held.pop(update.choice, None)
+            update = update if held is None else _merged(held, update)
+            if update.finish_reason is None:
+                self._held[update.choice] = update
+                return
+        self._published = True
         self._updates.put(update)
 
     def fail(self, error: BaseException) -> None:
@@ -94,9 +110,9 @@ class GenerationStream:
             if still_wanted is not None:
                 wait = 1.0 if wait is None else min(wait, 1.0)
             try:
-                item = self._updates.get(timeout=wait)
+                items = self._take(wait)
             except queue.Empty:
-                item = None
+                items = []
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise DeadlineExceeded()
@@ -104,15 +120,43 @@ class GenerationStream:
                 next_check = now + 1.0
                 if not still_wanted():
                     raise ClientGone()
-            if item is None:
-                continue
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            if item.finish_reason is not None:
-                open_choices -= 1
-            yield item
+            for item in items:
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    open_choices -= 1
+                yield item
+
+    def _take(self, wait: float | None) -> list:
+        """The next item, waiting up to `wait` seconds, with whatever queued behind it: consecutive updates of one
+        choice merged, ends and errors kept in place."""
+        items = [self._updates.get(timeout=wait)]
+        while True:
+            try:
+                item = self._updates.get_nowait()
+            except queue.Empty:
+                return items
+            last = items[-1]
+            if (isinstance(item, ChoiceUpdate) and isinstance(last, ChoiceUpdate) and item.choice == last.choice
+                    and last.finish_reason is None):
+                items[-1] = _merged(last, item)
+            else:
+                items.append(item)
+
+
+def _merged(first: ChoiceUpdate, then: ChoiceUpdate) -> ChoiceUpdate:
+    """Two consecutive updates of one choice as one, produced from `first_at` until `at`. A merged update (first_at
+    set) belongs to the stream and grows in place: holding a long answer back stays linear in its tokens."""
+    if first.first_at is None:
+        first = ChoiceUpdate(first.choice, list(first.token_ids),
+                             None if first.logprobs is None else list(first.logprobs), None, first.at, first.at)
+    first.token_ids.extend(then.token_ids)
+    if first.logprobs is not None:
+        first.logprobs.extend(then.logprobs or ())
+    first.finish_reason, first.at = then.finish_reason, then.at
+    return first
 
 
 class EngineDied(RuntimeError):

@@ -117,15 +117,21 @@ class TextGeneration:
     def _report_tokens(self, update: ChoiceUpdate) -> None:
         if self._stats is None or not update.token_ids:
             return
-        now = update.at  # the engine's time: a reader that comes late (one /infer instance after another) is not
-        self._stats.tokens(len(update.token_ids))
+        # The engine's times: a reader that comes late (one /infer instance after another) is not counted as slow.
+        first_at = update.first_at or update.at
+        count = len(update.token_ids)
+        self._stats.tokens(count)
         if not self._last_tokens_at:
-            self._stats.first_token(now - self._started)
+            self._stats.first_token(first_at - self._started)
+            if count > 1:  # merged updates: the rest came over the time they span
+                self._stats.token_gap((update.at - first_at) / (count - 1))
         elif update.choice in self._last_tokens_at:
-            self._stats.token_gap((now - self._last_tokens_at[update.choice]) / len(update.token_ids))
-        self._last_tokens_at[update.choice] = now
+            self._stats.token_gap((update.at - self._last_tokens_at[update.choice]) / count)
+        self._last_tokens_at[update.choice] = update.at
 
     def collect(self) -> list[ChoiceResult]:
+        if not self.params.stop:  # nothing to find in the text as it grows: take each choice whole
+            self._stream.incremental = False
         results = [ChoiceResult() for _ in range(self.params.n)]
         for delta in self:
             result = results[delta.choice]

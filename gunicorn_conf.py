@@ -12,6 +12,7 @@ import tempfile
 
 import systemd_notify
 from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
+from engine_processes import end_worker_group, lead_own_group
 from server_settings import load_settings
 
 WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
@@ -72,6 +73,7 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
+    lead_own_group()
     try:
         acquired = dispatcher.acquire_slice(os.getpid(), server.pid, wait_s=settings.effective_slice_wait)
     except NoFreeSliceError as error:
@@ -84,6 +86,9 @@ def post_fork(server, worker):
 def child_exit(server, worker):
     import metrics  # imported here, in the master, only after PROMETHEUS_MULTIPROC_DIR is set above
 
+    ended = end_worker_group(worker.pid)  # before the slice is free: then its GPU memory is free too
+    if ended:
+        server.log.warning("worker %s exited leaving processes %s; they were killed", worker.pid, ended)
     dispatcher.release_slice(worker.pid)
     metrics.mark_worker_dead(worker.pid)
     server.log.info("worker %s exited; its slice is free", worker.pid)

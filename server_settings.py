@@ -112,6 +112,11 @@ class ServerSettings(BaseSettings):
         "continuous (transformers' continuous batching), generate (batched generate), "
         "auto: slots on GPU (continuous for models with sliding windows or soft-capping), generate on CPU",
     )
+    vllm_engine_core: Literal["auto", "process", "worker"] = _setting(
+        "auto", "VLLM_ENGINE_CORE", "--vllm-engine-core",
+        "vLLM engine: where its engine core runs: process (its own, as in vLLM's server), worker (inside the "
+        "worker process), auto: process on GPUs, worker on CPU",
+    )
     slice_wait: float | None = _setting(
         None, "SLICE_WAIT", None, "seconds a new worker waits for a GPU slice to free up (default: timeout + 30)", ge=0
     )
@@ -124,7 +129,7 @@ class ServerSettings(BaseSettings):
     trust_remote_code: bool = _setting(False, "TRUST_REMOTE_CODE", None, "run code shipped with the model")
     log_level: Literal["debug", "info", "warning", "error"] = _setting("info", "LOG_LEVEL", "--log-level", "")
 
-    @field_validator("infer_type", "dtype", "log_level", "batching", mode="before")
+    @field_validator("infer_type", "dtype", "log_level", "batching", "vllm_engine_core", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
@@ -151,6 +156,12 @@ class ServerSettings(BaseSettings):
         if self.dtype != "auto":
             return self.dtype
         return "auto" if on_gpu else "float32"
+
+    def vllm_engine_core_placement(self, on_gpu: bool) -> str:
+        """--vllm-engine-core with `auto` resolved: the engine core's own process on GPUs, the worker on CPU."""
+        if self.vllm_engine_core != "auto":
+            return self.vllm_engine_core
+        return "process" if on_gpu else "worker"
 
     def api_keys(self) -> tuple[str, ...]:
         """Every accepted key: --api-key and the lines of --api-key-file (none: no authentication)."""
@@ -188,6 +199,7 @@ def load_settings() -> ServerSettings:
 
 
 def preflight() -> int:
+    from cpu_memory import CpuMemoryError, cpu_kv_cache_bytes
     from dispatcher import DispatchError, GPUDispatcher, cut_slices, discover_devices
     from model_store import ModelNotFoundError, resolve_model
 
@@ -219,8 +231,11 @@ def preflight() -> int:
             print(f"error: no free GPU slice on this host: every slice is held by another server "
                   f"(see {settings.dispatcher_state})", file=sys.stderr)
             return USAGE_ERROR
-        print(resolve_model(settings.model_name))
-    except (DispatchError, ModelNotFoundError) as error:
+        model_dir = resolve_model(settings.model_name)
+        if settings.infer_type == "vllm" and dispatcher.slices[0].is_cpu:
+            cpu_kv_cache_bytes(model_dir, settings)  # raises when the model cannot fit in the free memory
+        print(model_dir)
+    except (DispatchError, ModelNotFoundError, CpuMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     return 0

@@ -6,9 +6,15 @@ the engine, and publishes each request's new tokens to its stream. All of a work
 share vLLM's continuous batching; nothing holds a lock around a blocking generate, and requests are never served
 one at a time. Text and stop strings are handled above the engine (generation.py), as for the transformers engine.
 
-The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in a process of its
-own: when gunicorn kills or recycles a worker, its engine goes with it, and no engine process is left behind. With
-a multi-GPU slice vLLM starts one process per extra GPU; those watch their parent and exit with it.
+Where vLLM's engine core (scheduler and model runner) runs, `--vllm-engine-core`:
+- `process` (the default on GPUs): in a process of its own, as in vLLM's own server. The GPU then never waits for
+  the worker's Python: the core schedules and runs steps back to back while the worker's threads parse requests
+  and write answers, and the worker only exchanges messages with it.
+- `worker` (the default on CPU): inside the worker process. On CPU a step takes tens of milliseconds and the cores
+  are few, so a second busy process costs more than it frees (docs/benchmarks.md).
+Either way, no engine process outlives its worker: every process the worker starts is in the worker's process
+group (engine_processes.py), and the gunicorn master ends whatever is left of a worker that exited, before its
+slice is given to a replacement.
 
 The HTTP side lives in serving.py; this file only builds and drives the engine.
 """
@@ -23,6 +29,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from cpu_memory import cpu_kv_cache_bytes
 from engine import ChoiceUpdate, DeadlineExceeded, Engine, GenerationStream, TokenLogprob, wait_for
 from request_schema import SamplingParams
 from server_settings import ServerSettings
@@ -44,12 +51,19 @@ class Submission:
 
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, model_name: str, settings: ServerSettings):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
+
+        on_gpu = torch.cuda.is_available()
+        self.engine_core = settings.vllm_engine_core_placement(on_gpu)
+        own_process = self.engine_core == "process"
+        # vLLM reads this when it builds the engine: "0" keeps the engine core in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own_process else "0"
+        if own_process:
+            # The worker has threads (a forked child would inherit their locks) and may have touched CUDA.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import EngineArgs, LLMEngine
 
         self.model_name = model_name
-        on_gpu = torch.cuda.is_available()
         self.engine = LLMEngine.from_engine_args(
             EngineArgs(
                 model=model_path,
@@ -63,7 +77,10 @@ class VLLMEngine(Engine):
                 enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not on_gpu,
                 trust_remote_code=settings.trust_remote_code,
                 seed=0,
-            )
+                # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
+                **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
+            ),
+            enable_multiprocessing=own_process,
         )
         self.tokenizer = self.engine.get_tokenizer()
         eos = self.engine.model_config.hf_config.eos_token_id
@@ -80,8 +97,9 @@ class VLLMEngine(Engine):
 
     def describe(self) -> dict:
         config = self.engine.model_config
-        return {"model": self.model_name, "engine": "vllm", "dtype": str(config.dtype).removeprefix("torch."),
-                "max_model_len": config.max_model_len, "running": self.running()}
+        return {"model": self.model_name, "engine": "vllm", "engine_core": self.engine_core,
+                "dtype": str(config.dtype).removeprefix("torch."), "max_model_len": config.max_model_len,
+                "running": self.running()}
 
     # -- the interface the layers above call (from many threads) ---------------------------------------------
 

@@ -15,20 +15,23 @@ from request_schema import SamplingParams
 
 
 class ScriptedEngine(Engine):
-    """Publishes fixed token lists, one token per update, as soon as a generation starts."""
+    """Publishes fixed token lists, one token per update, as soon as a generation starts; `finish=None` leaves the
+    choices running (the engine would go on generating until told to stop)."""
 
     model_name = "scripted"
     max_model_len = 1024
 
-    def __init__(self, tokenizer, script: list[list[int]], finish: str = "length"):
+    def __init__(self, tokenizer, script: list[list[int]], finish: str | None = "length"):
         self.tokenizer = tokenizer
         self.eos_token_ids = (tokenizer.eos_token_id,)
         self.script = script
         self.finish = finish
         self.aborted = 0
+        self.streams: list[GenerationStream] = []
 
     def start(self, prompt_ids, params):
         stream = GenerationStream(params.n, abort=self._abort)
+        self.streams.append(stream)
         for choice, tokens in enumerate(self.script):
             for position, token in enumerate(tokens):
                 last = position == len(tokens) - 1
@@ -67,7 +70,7 @@ def test_stop_token_is_left_out_of_the_text(tokenizer):
 
 
 def test_stop_string_split_over_tokens_ends_the_text_before_it_and_cancels(tokenizer):
-    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " alpha beta gamma delta")])
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " alpha beta gamma delta")], finish=None)
     generation = TextGeneration(engine, [1], SamplingParams(stop=("ta gam",)))
     deltas = list(generation)
     assert "".join(d.text for d in deltas) == " alpha be"
@@ -89,7 +92,7 @@ def test_each_choice_is_decoded_on_its_own(tokenizer):
 
 
 def test_closing_a_generation_early_cancels_it_in_the_engine(tokenizer):
-    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three four")])
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three four")], finish=None)
     generation = TextGeneration(engine, [1], SamplingParams(max_tokens=4))
     iterator = iter(generation)
     next(iterator)
@@ -103,3 +106,30 @@ def test_a_finished_generation_is_not_cancelled(tokenizer):
     generation.collect()
     generation.cancel()
     assert engine.aborted == 0
+
+
+def test_a_reader_that_fell_behind_gets_the_queued_updates_merged_in_one(tokenizer):
+    tokens = ids(tokenizer, " one two three four")
+    engine = ScriptedEngine(tokenizer, [tokens, ids(tokenizer, " five")])
+    stream = engine.start([1], SamplingParams(n=2))
+    updates = list(stream)
+    assert [(u.choice, u.token_ids, u.finish_reason) for u in updates] == [
+        (0, tokens, "length"), (1, ids(tokenizer, " five"), "length")]
+    assert updates[0].first_at < updates[0].at  # produced over a span: the first token's time is kept
+
+
+def test_a_collected_answer_wakes_its_reader_at_the_first_token_and_at_the_end_only(tokenizer):
+    tokens = ids(tokenizer, " one two three four")
+    stream = GenerationStream(1, abort=lambda: None, incremental=False)
+    for position, token in enumerate(tokens):
+        stream.publish(ChoiceUpdate(0, [token], None, "length" if position == len(tokens) - 1 else None))
+    assert stream._updates.qsize() == 2  # the request is running; then the rest at once
+    (update,) = list(stream)
+    assert update.token_ids == tokens and update.finish_reason == "length"
+
+
+def test_collecting_without_stop_strings_holds_updates_and_with_them_does_not(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " fine")])
+    TextGeneration(engine, [1], SamplingParams()).collect()
+    TextGeneration(engine, [1], SamplingParams(stop=("x",))).collect()
+    assert [stream.incremental for stream in engine.streams] == [False, True]
