@@ -39,6 +39,9 @@ INTER_TOKEN_LATENCY = Histogram(
 REQUEST_DURATION = Histogram(
     "llm_request_duration_seconds", "From request to the last byte of the answer", ["route"], buckets=_LATENCY_BUCKETS
 )
+ENGINE_PATHS = Counter(
+    "llm_engine_path_total", "Prompts an engine generated for or scored, by the path that served them", ["path"]
+)
 RUNNING = Gauge("llm_requests_running", "Requests producing tokens", ["worker"], multiprocess_mode="livesum")
 WAITING = Gauge("llm_requests_waiting", "Requests not yet given a token", ["worker"], multiprocess_mode="livesum")
 WORKER_READY = Gauge(
@@ -114,6 +117,12 @@ def start_gpu_sampler(interval_s: float = 2.0) -> None:
             time.sleep(interval_s)
 
     threading.Thread(target=sample, name="gpu-metrics", daemon=True).start()
+
+
+def engine_path_taken(path: str) -> None:
+    """Count one prompt served by an engine path (the transformers engine: slots, continuous, generate or
+    prompt_logprobs)."""
+    ENGINE_PATHS.labels(path).inc()
 
 
 def request_id_from(header: str | None) -> str:

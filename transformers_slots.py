@@ -13,7 +13,9 @@ smallest batch bucket >= n and the smallest length bucket that holds the longest
 garbage nobody reads. New prompts are prefilled eagerly, several together, into their slots.
 
 The model runs unmodified: `SlotCache` is its `past_key_values` (attention layers call only `update`), and a 4D
-mask limits each row to its own tokens. Sampling (greedy, temperature, top-k, top-p per row) runs after the graph.
+mask limits each row to its own tokens. Sampling runs after the graph, every row under its own request's parameters
+(transformers_sampling.py: log-probabilities, penalties, temperature, top-k, top-p, min-p, and one generator per
+seeded sequence), so every generation request can be served here.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import ChoiceUpdate, GenerationStream
+from engine import ChoiceUpdate, GenerationStream, TokenLogprob
 from request_schema import RequestError, SamplingParams
-from transformers_continuous import ContinuousBatching
+from transformers_sampling import RowSampler, generator_for
 
 log = logging.getLogger("gunicorn.error")
 
@@ -122,10 +124,10 @@ class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
+    generator: torch.Generator | None  # a seeded sampling choice's own random numbers
     arrived: float = field(default_factory=time.monotonic)
     position: int = 0  # the cache column the next token is written to (= tokens in the cache)
-    last_token: int = 0
-    generated: int = 0
+    output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
 
 
@@ -145,8 +147,9 @@ class SlotBatching:
         self.cache = SlotCache(model.config, self.slots, max_len, model.dtype, self.device)
         self._inputs = torch.zeros(2, self.slots, dtype=torch.long, device=self.device)  # token ids, positions
         self._columns = torch.arange(max_len, device=self.device)
-        self._ranks = torch.arange(self.head.weight.shape[0], device=self.device)  # for top-k over the vocabulary
-        self._logits = torch.zeros(self.slots, self._ranks.numel(), dtype=torch.float32, device=self.device)
+        vocab_size = self.head.weight.shape[0]
+        self.sampler = RowSampler(vocab_size, self.device)
+        self._logits = torch.zeros(self.slots, vocab_size, dtype=torch.float32, device=self.device)
         self._batch_buckets = _buckets(self.slots)
         self._length_buckets = _buckets(max_len, min(SMALLEST_LENGTH_BUCKET, max_len))
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -162,7 +165,10 @@ class SlotBatching:
                  f"{len(self._graphs)} CUDA graphs" if self._graphs else "eager steps")
         threading.Thread(target=self._loop, name="slot-batching", daemon=True).start()
 
-    can_serve = staticmethod(ContinuousBatching.can_serve)
+    @staticmethod
+    def can_serve(params: SamplingParams) -> bool:
+        """Every generation request (prompt log-probabilities are not generation: the engine scores them)."""
+        return True
 
     def _fitting_slots(self, wanted: int, cache_bytes: int) -> int:
         fitting = int(cache_bytes // (self.max_len * SlotCache.bytes_per_token(self.model.config, self.model.dtype)))
@@ -182,7 +188,8 @@ class SlotBatching:
                                f"{self.max_len - 1} (--max-model-len {self.max_len})")
         sequences: list[_Sequence] = []
         stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences))
-        sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids) for choice in range(params.n))
+        sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids,
+                                   generator_for(params, choice, self.device)) for choice in range(params.n))
         with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued
             if self._loop_error is not None:
                 raise RuntimeError(f"the generation loop died: {self._loop_error}")
@@ -255,7 +262,7 @@ class SlotBatching:
             logits = self._prefill_logits(batch, first_slot)
             for sequence in batch:
                 sequence.position = len(sequence.prompt_ids)
-            self._advance(first_slot, self._sample(logits, batch))
+            self._advance(first_slot, *self.sampler.next_tokens(logits, batch))
         self._last_prefill_seconds = time.monotonic() - started
 
     def _prefill_logits(self, batch: list[_Sequence], first_slot: int) -> torch.Tensor:
@@ -316,43 +323,24 @@ class SlotBatching:
         self.on_step()
         for sequence in self._running:
             sequence.position += 1  # the token fed in is in the cache now
-        self._advance(0, self._sample(logits[: len(self._running)], self._running))
+        self._advance(0, *self.sampler.next_tokens(logits[: len(self._running)], self._running))
 
-    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
-        """Each row's next token under its own sampling parameters, in vLLM's order: temperature, top-k, top-p."""
-        greedy = [s.params.is_greedy for s in sequences]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
-        vocab = self._ranks.numel()
-        settings = torch.tensor(
-            [[1.0 if s.params.is_greedy else s.params.temperature for s in sequences],
-             [s.params.top_k if s.params.top_k > 0 else vocab for s in sequences],
-             [s.params.top_p for s in sequences],
-             greedy],
-            dtype=torch.float32,
-        ).to(self.device)
-        temperature, top_k, top_p, is_greedy = settings
-        ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
-        ordered.masked_fill_(self._ranks[None, :] >= top_k[:, None], float("-inf"))
-        probs = ordered.softmax(dim=-1)
-        probs.masked_fill_(probs.cumsum(dim=-1) - probs > top_p[:, None], 0.0)  # the first token always stays
-        sampled = order.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
-        return torch.where(is_greedy.bool(), logits.argmax(dim=-1), sampled).tolist()
-
-    def _advance(self, first_slot: int, tokens: list[int]) -> None:
-        """Publish each slot's new token from `first_slot` on; free the slots of sequences that ended."""
+    def _advance(self, first_slot: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """Publish each slot's new token (with its log-probability entry, if asked for) from `first_slot` on; free
+        the slots of sequences that ended."""
         ended = []
-        for slot, token in enumerate(tokens, start=first_slot):
+        for slot, (token, logprob) in enumerate(zip(tokens, logprobs), start=first_slot):
             sequence = self._running[slot]
-            sequence.generated += 1
+            sequence.output_ids.append(token)
             sequence.last_token = token
             if sequence.cancelled:
                 ended.append(slot)
                 continue
             reason = ("stop" if token in sequence.stop_ids
-                      else "length" if sequence.generated >= sequence.params.max_tokens
-                      or len(sequence.prompt_ids) + sequence.generated >= self.max_len else None)
-            sequence.stream.publish(ChoiceUpdate(sequence.choice, [token], None, reason))
+                      else "length" if len(sequence.output_ids) >= sequence.params.max_tokens
+                      or len(sequence.prompt_ids) + len(sequence.output_ids) >= self.max_len else None)
+            entries = None if logprob is None else [logprob]
+            sequence.stream.publish(ChoiceUpdate(sequence.choice, [token], entries, reason))
             if reason is not None:
                 ended.append(slot)
         self._release(ended)

@@ -1,17 +1,21 @@
 """The Hugging Face transformers engine, and the WSGI app gunicorn serves with `--infer_type transformers`.
 
-Concurrent generations of a worker are served together, on one of two paths:
+Concurrent generations of a worker are served together, on one of these paths:
 
-- continuous batching (transformers' own manager, transformers_continuous.py), the default on one GPU, for
-  requests whose sampling it supports;
+- slot batching (transformers_slots.py), the default on one GPU, for every generation request;
+- continuous batching (transformers' own manager, transformers_continuous.py), for models slot batching does not
+  support, for requests whose sampling it supports;
 - batched `generate`: request threads queue their work, one batching thread takes everything waiting, groups it
-  by sampling parameters and runs each group as one batched `generate` (prompt log-probabilities: one padded
-  forward pass). The default on CPU, where it measured far faster (docs/benchmarks.md), and the path for
-  everything continuous batching cannot do. A step observer publishes every row's new token as it is sampled,
-  so this path streams too, and ends a row as soon as its client cancels. Sampling transforms are applied by
-  this module's own processor list, so the model's log-probabilities (before any transform) can be reported, as
-  vLLM reports them. Requests with a `seed` run as a batch of their own, so the same request with the same seed
-  gives the same text whatever else the server is doing.
+  by sampling parameters and runs each group as one batched `generate`. The default on CPU, where it measured far
+  faster (docs/benchmarks.md), and the path for what continuous batching cannot do. A step observer publishes
+  every row's new token as it is sampled, so this path streams too, and ends a row as soon as its client cancels.
+  Sampling transforms are applied by this module's own processor list, so the model's log-probabilities (before
+  any transform) can be reported, as vLLM reports them. Requests with a `seed` run as a batch of their own, so the
+  same request with the same seed gives the same text whatever else the server is doing.
+
+A greedy request's `seed` is dropped on arrival: it draws nothing, and must not split it from its batch. Prompt
+log-probabilities go to the batching thread too, where every request waiting is scored in shared forward passes
+(transformers_scoring.py). Which path served each prompt is counted in /metrics.
 
 The HTTP side lives in serving.py; text (decoding, stop strings) in generation.py; this file only drives the model.
 """
@@ -19,12 +23,12 @@ The HTTP side lives in serving.py; text (decoding, stop strings) in generation.p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
 import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -42,20 +46,20 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+import metrics
 from engine import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogprob, wait_for
 from request_schema import SamplingParams
 from server_settings import ServerSettings
 from serving import app_for
 from transformers_continuous import ContinuousBatching
+from transformers_sampling import presence_frequency_penalized, token_logprobs
+from transformers_scoring import ScoreJob, score_jobs
 from transformers_slots import SlotBatching, supports
 
 log = logging.getLogger("gunicorn.error")
 
-# What /ready calls each continuous path (--batching's values); none of them: "generate"
+# What /ready and /metrics call each continuous path (--batching's values); none of them: "generate"
 BATCHING_NAMES = {SlotBatching: "slots", ContinuousBatching: "continuous"}
-
-# Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
-SCORING_TOKEN_BUDGET = 4096
 # --max-batch-size's defaults: rows per batched generate (CPU memory and latency), and slot batching's sequences per
 # worker (on GPU; within --threads 256 with --max-waiting 64 more)
 GENERATE_BATCH_SIZE = 32
@@ -74,13 +78,6 @@ class GenerateJob:
     prompt_ids: list[int]
     params: SamplingParams
     stream: GenerationStream
-
-
-@dataclass
-class ScoreJob:
-    prompts: list[list[int]]
-    top: int
-    result: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -103,7 +100,7 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         if generated.shape[1] == 0:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        return presence_frequency_penalized(scores, counts, self.presence, self.frequency)
 
 
 class _StepObserver(StoppingCriteria):
@@ -153,14 +150,8 @@ class _StepObserver(StoppingCriteria):
         self.live_rows = 0
 
     def _logprobs(self, tokens: list[int]) -> list[TokenLogprob]:
-        chosen = self.step_logprobs.gather(-1, torch.tensor(tokens, device=self.step_logprobs.device)[:, None])
-        top_values, top_ids = self.step_logprobs.topk(max(self.params.logprobs, 1), dim=-1)
-        return [
-            TokenLogprob(token, value, tuple(zip(ids, values))[: self.params.logprobs])
-            for token, value, ids, values in zip(
-                tokens, chosen[:, 0].tolist(), top_ids.tolist(), top_values.tolist()
-            )
-        ]
+        return token_logprobs(self.step_logprobs, torch.tensor(tokens, device=self.step_logprobs.device),
+                              [self.params.logprobs] * len(tokens))
 
 
 class _RawLogprobs(LogitsProcessor):
@@ -265,14 +256,19 @@ class TransformersEngine(Engine):
     # -- the interface the layers above call (from many threads) ---------------------------------------------
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        if params.is_greedy and params.seed is not None:  # it draws nothing: it must not split a batch
+            params = params.model_copy(update={"seed": None})
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
         if self.continuous is not None and self.continuous.can_serve(params):
+            metrics.engine_path_taken(BATCHING_NAMES[type(self.continuous)])
             return self.continuous.start(prompt_ids, params, stop_ids)
+        metrics.engine_path_taken("generate")
         stream = GenerationStream(params.n, abort=lambda: None)  # the step observer sees `cancelled` and ends rows
         self._jobs.put(GenerateJob(prompt_ids, params, stream))
         return stream
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
+        metrics.engine_path_taken("prompt_logprobs")
         job = ScoreJob(prompts, top)
         self._jobs.put(job)
         return wait_for(job.result, deadline)
@@ -288,8 +284,9 @@ class TransformersEngine(Engine):
                 except queue.Empty:
                     break
             with self.continuous.paused() if self.continuous else contextlib.nullcontext():
-                for job in (job for job in jobs if isinstance(job, ScoreJob)):
-                    self._score(job)
+                scoring = [job for job in jobs if isinstance(job, ScoreJob)]
+                if scoring:
+                    score_jobs(self.model, self.tokenizer.pad_token_id, scoring)
                 groups: dict[SamplingParams, list[GenerateJob]] = {}
                 for job in (job for job in jobs if isinstance(job, GenerateJob)):
                     if job.params.seed is not None:  # never batched with others: that keeps it reproducible
@@ -364,47 +361,15 @@ class TransformersEngine(Engine):
                 processors.append(MinPLogitsWarper(params.min_p))
         return LogitsProcessorList(processors)
 
-    def _score(self, job: ScoreJob) -> None:
-        try:
-            scores: list[list[TokenLogprob]] = []
-            for chunk in _chunks_within(job.prompts, SCORING_TOKEN_BUDGET):
-                scores.extend(self._score_batch(chunk, job.top))
-            job.result.set_result(scores)
-        except Exception as error:  # noqa: BLE001 - the error goes to the waiting request, the loop goes on
-            log.exception("scoring %d prompts failed", len(job.prompts))
-            job.result.set_exception(error)
 
-    @torch.inference_mode()
-    def _score_batch(self, encoded: list[list[int]], top: int) -> list[list[TokenLogprob]]:
-        # Right padding: a causal model's logits for the real tokens do not depend on padding after them.
-        width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=self.device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        chosen = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1).tolist()
-        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)
-        results = []
-        for row, ids in enumerate(encoded):
-            results.append([
-                TokenLogprob(ids[i + 1], chosen[row][i],
-                             tuple(zip(top_ids[row, i].tolist(), top_values[row, i].tolist())) if top else ())
-                for i in range(len(ids) - 1)
-            ])
-        return results
+@functools.cache
+def _app():
+    return app_for(TransformersEngine)
 
 
-def _chunks_within(encoded: list[list[int]], token_budget: int):
-    """Consecutive groups whose padded size (rows x longest) stays within the budget (a longer prompt: alone)."""
-    chunk: list[list[int]] = []
-    for ids in encoded:
-        if chunk and (len(chunk) + 1) * max(len(ids), *map(len, chunk)) > token_budget:
-            yield chunk
-            chunk = []
-        chunk.append(ids)
-    if chunk:
-        yield chunk
-
-
-app = app_for(TransformersEngine)
+def __getattr__(name: str):
+    # gunicorn's `transformers_url_m:app`, built when first asked for: importing this module for its engine class
+    # (the tests) builds no app, which would start loading a model in the background.
+    if name == "app":
+        return _app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from conftest import plain_generate
-from engine import EngineDied
+from engine import EngineDied, TokenLogprob
 from request_schema import RequestError, SamplingParams
 from transformers_slots import SlotBatching, SlotCache, supports
 
@@ -68,14 +68,19 @@ def greedy_ids(reference_model, prompt_ids: list[int], max_new_tokens: int) -> l
     return _expected[key]
 
 
-def collect(stream, timeout_s: float = 60.0) -> tuple[dict[int, list[int]], dict[int, str]]:
-    """Every choice's tokens and finish reason; fails (DeadlineExceeded) instead of hanging."""
+def collect(stream, timeout_s: float = 60.0, logprobs: dict[int, list[TokenLogprob]] | None = None
+            ) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Every choice's tokens and finish reason (and into `logprobs`, each choice's entries); fails
+    (DeadlineExceeded) instead of hanging."""
     tokens: dict[int, list[int]] = {choice: [] for choice in range(stream.choices)}
     reasons: dict[int, str] = {}
     for update in stream.updates(deadline=time.monotonic() + timeout_s):
         assert update.choice not in reasons, f"an update after choice {update.choice} finished: {update}"
-        assert len(update.token_ids) == 1, update
+        assert update.token_ids or update.finish_reason, update
         tokens[update.choice].extend(update.token_ids)
+        if logprobs is not None and update.logprobs is not None:
+            assert len(update.logprobs) == len(update.token_ids), update
+            logprobs.setdefault(update.choice, []).extend(update.logprobs)
         if update.finish_reason is not None:
             reasons[update.choice] = update.finish_reason
     return tokens, reasons
@@ -290,10 +295,11 @@ def test_paused_holds_the_loop_between_steps(slots, reference_model, tokenizer):
     assert reasons == {0: "length"}
 
 
-def test_can_serve():
-    assert SlotBatching.can_serve(SamplingParams(temperature=0.7, top_p=0.9, top_k=5, n=3))
-    assert not SlotBatching.can_serve(SamplingParams(seed=1))
-    assert not SlotBatching.can_serve(SamplingParams(repetition_penalty=1.2))
+def test_can_serve_every_generation_request():
+    for params in (SamplingParams(temperature=0.7, top_p=0.9, top_k=5, n=3), SamplingParams(seed=1),
+                   SamplingParams(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5),
+                   SamplingParams(min_p=0.1, logprobs=5)):
+        assert SlotBatching.can_serve(params)
 
 
 def test_loop_death_fails_open_and_queued_streams_and_refuses_new_ones(reference_model, tokenizer):
@@ -358,3 +364,188 @@ def test_cache_budget_sets_the_slots(reference_model):
                         on_step=lambda: None).slots == 1
     assert SlotBatching(model, 2, MAX_LEN, per_slot * 5, cuda_graphs=False, on_death=print,
                         on_step=lambda: None).slots == 2  # no more than asked for
+
+
+# -- every request on the fast path: seeds, logprobs, penalties, min-p; prompt log-probabilities batched -----------
+
+
+# A prompt's log-probabilities in a padded batch against alone, float32 on CPU: the sums run in another order
+# (measured: up to 1.7e-5 on a value of -9.35 for a 2-token prompt padded to 41, 1.8e-6 of it)
+FLOAT32_BATCHING = {"abs": 1e-5, "rel": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def generate_engine(embedded_model_dir):
+    """The transformers engine on its batched-generate path (the CPU default): the reference for what the slot
+    engine must answer alike."""
+    from server_settings import ServerSettings
+    from transformers_url_m import TransformersEngine
+
+    return TransformersEngine(str(embedded_model_dir), "embedded",
+                              ServerSettings(BATCHING="generate", MAX_MODEL_LEN=MAX_LEN))
+
+
+def started_together(slots, streams_params: list[tuple[list[int], SamplingParams]]) -> list:
+    """Start every (prompt, params) while the loop is held, so that they are prefilled and decoded together; then
+    collect each one's tokens, reasons and logprobs, and check that they shared a decode step."""
+    slots.steps.clear()
+    with slots.engine.paused():
+        streams = [slots.engine.start(ids, params, NO_STOP) for ids, params in streams_params]
+    results = []
+    for stream in streams:
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        results.append((*collect(stream, logprobs=logprobs), logprobs))
+    everyone = {params for _, params in streams_params}
+    assert any(set(step_params) == everyone for _, _, step_params in slots.steps), "they never decoded in one step"
+    return results
+
+
+def test_greedy_with_a_seed_stays_in_the_batch_and_equals_greedy(slots, generate_engine, reference_model, tokenizer,
+                                                                 monkeypatch):
+    ids = tokenizer("The capital of France is")["input_ids"]
+    seeded, plain = SamplingParams(seed=1234, max_tokens=8, **GREEDY), SamplingParams(max_tokens=8, **GREEDY)
+    (seeded_tokens, _, _), (plain_tokens, _, _) = started_together(slots, [(ids, seeded), (ids, plain)])
+    assert seeded_tokens == plain_tokens == {0: greedy_ids(reference_model, ids, 8)}
+    # Through the engine: the seed is dropped on arrival, so the request goes where unseeded greedy ones go.
+    import metrics
+
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    tokens, _ = collect(generate_engine.start(ids, seeded))
+    assert paths == ["slots"] and tokens == plain_tokens
+
+
+def test_seeded_sampling_is_the_same_alone_and_among_others(slots, tokenizer):
+    ids = tokenizer("Once upon a time")["input_ids"]
+    sampled = {"temperature": 1.0, "top_p": 0.95, "min_p": 0.02, "max_tokens": 12, "ignore_eos": True}
+    alone, _ = collect(slots.engine.start(ids, SamplingParams(n=2, seed=7, **sampled), NO_STOP))
+    assert alone[0] != alone[1], "choices 0 and 1 drew from the same seed"
+    # Choice 0 of n draws from the seed itself: alone as n=1, then beside an unseeded and another seeded row.
+    seeded = SamplingParams(seed=7, **sampled)
+    mates = [(tokenizer("My favourite food is")["input_ids"], SamplingParams(**sampled)),
+             (ids, SamplingParams(seed=8, **sampled))]
+    (among, _, _), _, (other_seed, _, _) = started_together(slots, [(ids, seeded), *mates])
+    assert among == {0: alone[0]}
+    assert other_seed != among
+
+
+def test_logprobs_equal_the_batched_generate_paths(slots, generate_engine, tokenizer):
+    """Same tokens and top alternatives; the numbers within float32 noise (the two paths run attention over
+    differently shaped caches: measured up to 1.2e-5 apart)."""
+    requests = [  # a sampled row at top-k 1 takes greedy's tokens: its log-probabilities are the model's, untempered
+        (tokenizer("The capital of France is")["input_ids"], SamplingParams(logprobs=3, max_tokens=6, **GREEDY)),
+        (tokenizer("My favourite food is")["input_ids"],
+         SamplingParams(logprobs=0, temperature=0.5, top_k=1, max_tokens=6, ignore_eos=True)),
+        (tokenizer("Once upon a time")["input_ids"], SamplingParams(max_tokens=6, **GREEDY)),  # asks for none
+    ]
+    for (ids, params), (tokens, _, logprobs) in zip(requests, started_together(slots, requests)):
+        want_logprobs: dict[int, list[TokenLogprob]] = {}
+        want_tokens, _ = collect(generate_engine.start(ids, params), logprobs=want_logprobs)
+        assert tokens == want_tokens
+        if params.logprobs is None:
+            assert logprobs == {}
+            continue
+        assert len(logprobs[0]) == 6
+        for got, want in zip(logprobs[0], want_logprobs[0]):
+            assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t for t, _ in got.top] == [t for t, _ in want.top] and len(got.top) == params.logprobs
+            assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in want.top], abs=1e-4)
+
+
+def test_penalty_rows_equal_the_batched_generate_paths(slots, generate_engine, reference_model, tokenizer):
+    ids = tokenizer("1, 2, 3, 4, 1, 2, 3, 4,")["input_ids"]  # greedy repeats it: every penalty changes the answer
+    requests = [
+        (ids, SamplingParams(repetition_penalty=1.5, max_tokens=10, **GREEDY)),
+        (ids, SamplingParams(presence_penalty=1.0, frequency_penalty=0.8, repetition_penalty=0.9, max_tokens=10,
+                             **GREEDY)),
+        (ids, SamplingParams(max_tokens=10, **GREEDY)),
+    ]
+    results = started_together(slots, requests)
+    plain = greedy_ids(reference_model, ids, 10)
+    assert results[-1][0] == {0: plain}
+    for (_, params), (tokens, _, _) in zip(requests[:-1], results):
+        want, _ = collect(generate_engine.start(ids, params))
+        assert tokens == want and tokens[0] != plain, params
+
+
+def test_sampling_transforms_equal_transformers_warpers():
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from transformers_sampling import RowSampler
+
+    rows = [SimpleNamespace(params=params, generator=None) for params in (
+        SamplingParams(temperature=0.7, min_p=0.1),
+        SamplingParams(temperature=1.3, top_k=40, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=0.9, top_k=5, min_p=0.3),
+    )]
+    logits = torch.randn(len(rows), 512, generator=torch.Generator().manual_seed(0)) * 3
+    probs, order = RowSampler(logits.shape[1], logits.device).sorted_distribution(logits, rows)
+    got = torch.zeros_like(logits).scatter_(-1, order, probs)
+    for row, (scores, params) in enumerate(zip(logits, (row.params for row in rows))):
+        scores = TemperatureLogitsWarper(params.temperature)(None, scores[None])
+        for warper, active in ((TopKLogitsWarper(max(params.top_k, 1)), params.top_k > 0),
+                               (TopPLogitsWarper(params.top_p), params.top_p < 1.0),
+                               (MinPLogitsWarper(params.min_p), params.min_p > 0.0)):
+            scores = warper(None, scores) if active else scores
+        want = scores.softmax(dim=-1)[0]
+        assert torch.equal(got[row] > 0, want > 0), f"row {row} keeps other tokens"
+        assert torch.allclose(got[row] / got[row].sum(), want, atol=1e-6), f"row {row}"
+
+
+def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_engine, reference_model, tokenizer,
+                                                               monkeypatch):
+    """Requests that wait together are scored together, each prompt equal to a plain forward pass of it alone."""
+    from conftest import direct_prompt_logprobs
+
+    texts = ["The capital of France is Paris.", "1, 2, 3, 4, 5", "Once upon a time there was a printing press.",
+             "Question: what is 7 times 8?\nAnswer: 56", "My favourite food is", TEXT[:200], "Hi there"]
+    requests = [[texts[i % len(texts)], texts[(i + 3) % len(texts)]] for i in range(8)]
+    passes: list[tuple[int, int]] = []
+    hook = generate_engine.model.register_forward_hook(lambda module, args, kwargs, output: passes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    # The batching thread pauses the continuous path while it scores: with the slot engine held, the first request
+    # is taken and waits, the others queue meanwhile.
+    monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    results: list = [None] * len(requests)
+
+    def score(index: int) -> None:
+        prompts = [tokenizer(text)["input_ids"] for text in requests[index]]
+        results[index] = generate_engine.prompt_logprobs(prompts, top=2 if index % 2 else 0)
+
+    threads = [threading.Thread(target=score, args=(index,)) for index in range(len(requests))]
+    jobs = generate_engine._jobs
+    queued_before = jobs.unfinished_tasks  # counts every put (nobody calls task_done)
+    try:
+        with slots.engine.paused():
+            threads[0].start()
+            assert wait_until(lambda: jobs.unfinished_tasks == queued_before + 1 and jobs.empty())
+            for thread in threads[1:]:
+                thread.start()
+            assert wait_until(lambda: jobs.qsize() == len(requests) - 1)
+        for thread in threads:
+            thread.join(60)
+    finally:
+        hook.remove()
+    assert [rows for rows, _ in passes] == [2, 2 * (len(requests) - 1)], passes
+    for index, (texts_of_request, scores) in enumerate(zip(requests, results)):
+        for text, scored in zip(texts_of_request, scores):
+            want = direct_prompt_logprobs(reference_model, text)
+            assert [entry.token_id for entry in scored] == tokenizer(text)["input_ids"][1:]
+            assert [entry.logprob for entry in scored] == pytest.approx(want.tolist(), **FLOAT32_BATCHING)
+            assert all(len(entry.top) == (2 if index % 2 else 0) for entry in scored)
+
+
+def test_prompt_logprobs_within_a_small_token_budget_equal_unbatched(generate_engine, reference_model, tokenizer):
+    from conftest import direct_prompt_logprobs
+    from transformers_scoring import ScoreJob, score_jobs
+
+    texts = ["The capital of France is Paris.", TEXT[:300], "1, 2, 3", "Hi", TEXT[:120]]
+    jobs = [ScoreJob([tokenizer(text)["input_ids"] for text in texts[:3]], 1),
+            ScoreJob([tokenizer(text)["input_ids"] for text in texts[3:]], 0)]
+    score_jobs(generate_engine.model, tokenizer.pad_token_id, jobs, token_budget=64)
+    scores = jobs[0].result.result(0) + jobs[1].result.result(0)
+    for text, scored in zip(texts, scores):
+        assert [entry.logprob for entry in scored] == pytest.approx(
+            direct_prompt_logprobs(reference_model, text).tolist(), **FLOAT32_BATCHING)
