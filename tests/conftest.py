@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model's folder, free ports, and a real server started through the launcher."""
+"""Shared fixtures: the embedded model's folder, free ports, a real server started through the launcher, and one
+server per engine for the modules that hold both engines to one contract."""
 
 from __future__ import annotations
 
@@ -131,4 +132,32 @@ def start_server(tmp_path_factory):
 
     yield start
     for server in servers:
+        server.stop()
+
+
+# Launcher arguments, environment and readiness wait of one small server (1 CPU worker) per engine. Eager mode and a
+# 1 GiB KV cache keep vLLM's CPU start-up and memory small (as in test_vllm_e2e.py).
+ENGINE_SERVERS = {
+    "transformers": (("--cpu-workers", "1"), None, 180),
+    "vllm": (("--infer_type", "vLLM", "--cpu-workers", "1"), {"VLLM_CPU_KVCACHE_SPACE": "1"}, 400),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_SERVERS))
+def engine_server(request, start_server):
+    """A ready server of each engine in turn (`server.engine` names it), stopped before the next one starts: the
+    next engine's server gets both CPU cores. The fixture's setup counts towards the first test's time limit."""
+    args, env, ready_timeout = ENGINE_SERVERS[request.param]
+    server = start_server(*args, env=env)
+    server.engine = request.param
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:  # a worker busy loading its model may let a /ready poll time out: poll again
+            try:
+                server.wait_until_ready(workers=1, timeout_s=max(1.0, deadline - time.monotonic()))
+                break
+            except requests.Timeout:
+                assert time.monotonic() < deadline, server.log()[-3000:]
+        yield server
+    finally:
         server.stop()

@@ -3,7 +3,8 @@
 One real server per engine (1 CPU worker, started through start_gunicorn.sh) is called over real HTTP by the
 official `openai` SDK, by `requests`, by `curl`, and by vLLM's own serving benchmark client. Greedy answers are
 checked against the same model's plain transformers `generate`; streamed answers against the whole ones; a client
-that leaves mid-stream must free the engine at once (GET /ready reports the sequences running now).
+that leaves mid-stream must free the engine at once (GET /ready reports the sequences running now). The same servers
+answer the evaluation toolkit's `/vllm-url-infer` as `/infer`, and vLLM's tokenizer routes with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -27,29 +28,10 @@ HTTP_TIMEOUT = 120  # seconds for any single request; every test is also bounded
 # Both engines answer the same tests. The server fixture's setup counts towards the first test's limit.
 pytestmark = pytest.mark.timeout(480)
 
-ENGINES = {
-    "transformers": (("--cpu-workers", "1"), None, 180),
-    # Eager mode and a 1 GiB KV cache keep vLLM's CPU start-up and memory small (as in test_vllm_e2e.py).
-    "vllm": (("--infer_type", "vLLM", "--cpu-workers", "1"), {"VLLM_CPU_KVCACHE_SPACE": "1"}, 400),
-}
 
-
-@pytest.fixture(scope="module", params=list(ENGINES))
-def server(request, start_server):
-    args, env, ready_timeout = ENGINES[request.param]
-    server = start_server(*args, env=env)
-    server.engine = request.param
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:  # a worker busy loading its model may let a /ready poll time out: poll again
-            try:
-                server.wait_until_ready(workers=1, timeout_s=max(1.0, deadline - time.monotonic()))
-                break
-            except requests.Timeout:
-                assert time.monotonic() < deadline, server.log()[-3000:]
-        yield server
-    finally:  # stop it now, not at module end: the next engine's server gets both CPU cores
-        server.stop()
+@pytest.fixture(scope="module")
+def server(engine_server):
+    return engine_server
 
 
 @pytest.fixture(autouse=True)
@@ -342,3 +324,80 @@ def test_vllm_benchmark_client_completes_every_request(server, embedded_model_di
     assert result["output_lens"] == [16] * 8 and result["total_output_tokens"] == 128
     assert all(text for text in result["generated_texts"])
     assert running(server) == 0
+
+
+# -- 12. the evaluation toolkit's vLLM URL, and vLLM's tokenizer routes ------------------------------------------
+
+
+def test_vllm_url_infer_answers_the_toolkits_requests_as_infer_does(server):
+    # UltraEval's shape: its own keys (sampling_num) beside vLLM's params, ignored with a warning.
+    body = {"params": {"temperature": 0, "top_p": 1.0, "max_tokens": 8, "sampling_num": 1, "stop": ["\n\n"]},
+            "instances": [PROMPT, "1, 2, 3,"]}
+    answers = {}
+    for path in ("/infer", "/vllm-url-infer"):
+        response = requests.post(server.url + path, json=body, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        answers[path] = response.json()
+    assert answers["/vllm-url-infer"] == answers["/infer"]
+    assert len(answers["/infer"]) == 2 and all(isinstance(text, str) and text for text in answers["/infer"])
+    assert "/vllm-url-infer: ignoring unknown key 'sampling_num'" in server.log()
+
+
+def test_tokenize_and_detokenize_use_the_models_tokenizer_in_vllms_shapes(server, reference_model):
+    tokenizer, _ = reference_model
+    context = requests.get(f"{server.url}/v1/models", timeout=HTTP_TIMEOUT).json()["data"][0]["max_model_len"]
+
+    def post(path: str, body: dict) -> dict:
+        response = requests.post(server.url + path, json=body, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert post("/tokenize", {"model": MODEL, "prompt": PROMPT}) == {
+        "count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": None}
+    bare = post("/tokenize", {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True})
+    assert bare["tokens"] == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert bare["token_strs"] == tokenizer.convert_ids_to_tokens(bare["tokens"])
+    assert post("/detokenize", {"tokens": ids}) == {"prompt": tokenizer.decode(ids)}
+    wrong_model = requests.post(f"{server.url}/tokenize", json={"model": "gpt-4", "prompt": "x"}, timeout=HTTP_TIMEOUT)
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+
+    # A conversation is tokenized as /v1/chat/completions renders it: its count is the chat's prompt_tokens.
+    chat = post("/tokenize", {"messages": QUESTION})
+    rendered = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    answer = post("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1, "temperature": 0})
+    assert answer["usage"]["prompt_tokens"] == chat["count"]
+    opened = post("/tokenize", {"messages": QUESTION, "add_generation_prompt": False,
+                                "continue_final_message": True})
+    assert chat["tokens"][:opened["count"]] == opened["tokens"] and opened["count"] < chat["count"]
+
+
+def test_tokenizer_info_gives_harnesses_the_special_tokens_and_chat_template(server, reference_model):
+    tokenizer, _ = reference_model
+    response = requests.get(f"{server.url}/tokenizer_info", timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template
+    assert info["tokenizer_class"] and "vocab_file" not in info
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": 7}, "prompt"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate: JSON carries it, no tokenizer takes it
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("/tokenize", {"messages": QUESTION, "continue_final_message": True}, None),  # and the generation prompt
+    ("/tokenize", ["not", "an", "object"], None),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens.1"),
+    ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens"),
+])
+def test_tokenizer_routes_refuse_bad_input_naming_the_field(server, path, body, param):
+    response = requests.post(server.url + path, json=body, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
