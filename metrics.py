@@ -119,10 +119,10 @@ def start_gpu_sampler(interval_s: float = 2.0) -> None:
     threading.Thread(target=sample, name="gpu-metrics", daemon=True).start()
 
 
-def engine_path_taken(path: str) -> None:
-    """Count one prompt served by an engine path (the transformers engine: slots, continuous, generate or
+def engine_path_taken(path: str, prompts: int = 1) -> None:
+    """Count prompts served by an engine path (the transformers engine: slots, continuous, generate or
     prompt_logprobs)."""
-    ENGINE_PATHS.labels(path).inc()
+    ENGINE_PATHS.labels(path).inc(prompts)
 
 
 def request_id_from(header: str | None) -> str:

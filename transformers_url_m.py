@@ -268,7 +268,7 @@ class TransformersEngine(Engine):
         return stream
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
-        metrics.engine_path_taken("prompt_logprobs")
+        metrics.engine_path_taken("prompt_logprobs", len(prompts))
         job = ScoreJob(prompts, top)
         self._jobs.put(job)
         return wait_for(job.result, deadline)

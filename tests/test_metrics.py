@@ -45,6 +45,18 @@ def test_counts_requests_and_tokens_over_all_workers(server):
         value(before.get("llm_prompt_tokens", []), "llm_prompt_tokens_total") == 7 * prompt_tokens
 
 
+def test_counts_the_engine_path_of_each_prompt(server):
+    """On CPU the transformers engine generates through batched generate (the slot engine's choice of path is
+    pinned in test_slot_batching.py); prompt log-probabilities have a path of their own."""
+    before = scrape(server).get("llm_engine_path", [])
+    server.infer(["1, 2, 3,", "Hi"], temperature=0, seed=1, max_tokens=2)
+    server.infer(["1, 2, 3,", "Hi", "Once upon a time"], prompt_logprobs=0)
+    after = scrape(server)["llm_engine_path"]
+    for path, prompts in (("generate", 2), ("prompt_logprobs", 3), ("slots", 0), ("continuous", 0)):
+        assert value(after, "llm_engine_path_total", path=path) - \
+            value(before, "llm_engine_path_total", path=path) == prompts, path
+
+
 def test_latency_histograms_are_filled(server):
     server.infer(["Once upon a time"], temperature=0, max_tokens=6, ignore_eos=True)
     families = scrape(server)

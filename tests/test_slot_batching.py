@@ -412,8 +412,10 @@ def test_greedy_with_a_seed_stays_in_the_batch_and_equals_greedy(slots, generate
     paths: list[str] = []
     monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
     monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    slots.steps.clear()
     tokens, _ = collect(generate_engine.start(ids, seeded))
     assert paths == ["slots"] and tokens == plain_tokens
+    assert {params.seed for _, _, step_params in slots.steps for params in step_params} == {None}
 
 
 def test_seeded_sampling_is_the_same_alone_and_among_others(slots, tokenizer):
