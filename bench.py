@@ -1,8 +1,9 @@
 """Benchmark client for LLM servers: throughput and latency over a concurrency sweep, one or several servers.
 
 Talks to this server's `/infer` and `/generate`, and to any OpenAI-compatible `/v1/completions` or
-`/v1/chat/completions` (this server, vLLM, `transformers serve`). Every request streams, so that time to first token
-(TTFT), time per output token (TPOT) and inter-token latency (ITL) are measured as the client sees them.
+`/v1/chat/completions` (this server, vLLM, `transformers serve`). Requests stream, so that time to first token
+(TTFT), time per output token (TPOT) and inter-token latency (ITL) are measured as the client sees them;
+`--no-stream` asks for whole answers instead (only end-to-end latency then).
 
 - Prompts have an exact token length: random token ids (or one repeated sentence) decoded to text and re-encoded
   until the text is `--prompt-len` tokens for the tokenizer (`--tokenizer`, default the embedded model).
@@ -118,28 +119,42 @@ def _chat(prompt: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}]}
 
 
+def _openai_text(payload: dict) -> Chunk:
+    choice = payload["choices"][0] if payload.get("choices") else {}
+    return Chunk(choice.get("text") or (choice.get("message") or {}).get("content") or "", payload.get("usage"))
+
+
 @dataclass(frozen=True)
 class Protocol:
     path: str
     body: Callable[[str, int, str | None], dict]  # (prompt, output length, model name) -> JSON body
-    chunks: Callable[..., Iterator[Chunk]]
+    chunks: Callable[..., Iterator[Chunk]]  # the streamed answer
+    whole: Callable[[bytes], Chunk]  # the answer with --no-stream
+
+    def request(self, prompt: str, length: int, model: str | None, stream: bool) -> tuple[str, dict]:
+        """The path and body, streaming or not."""
+        body = self.body(prompt, length, model)
+        if stream:
+            return self.path, body
+        body.pop("stream_options", None)
+        return self.path.partition("?")[0], {**body, "stream": False}
 
 
 PROTOCOLS = {
     "infer": Protocol("/infer", lambda prompt, n, model: {
         "instances": [prompt], "params": _greedy_fixed_length(n), "stream": True,
-    }, ndjson_chunks),
+    }, ndjson_chunks, lambda raw: Chunk(json.loads(raw)[0])),
     "generate": Protocol("/generate?streaming=true", lambda prompt, n, model: {
         "prompt": prompt, **_greedy_fixed_length(n),
-    }, text_chunks),
+    }, text_chunks, lambda raw: Chunk(raw.decode("utf-8", errors="replace"))),
     "completions": Protocol("/v1/completions", lambda prompt, n, model: _openai_stream(
-        {"prompt": prompt, **_greedy_fixed_length(n)}, model), sse_chunks),
+        {"prompt": prompt, **_greedy_fixed_length(n)}, model), sse_chunks, lambda raw: _openai_text(json.loads(raw))),
     "chat": Protocol("/v1/chat/completions", lambda prompt, n, model: _openai_stream(
-        {**_chat(prompt), **_greedy_fixed_length(n)}, model), sse_chunks),
+        {**_chat(prompt), **_greedy_fixed_length(n)}, model), sse_chunks, lambda raw: _openai_text(json.loads(raw))),
     "hf-completions": Protocol("/v1/completions", lambda prompt, n, model: _openai_stream(
-        {"prompt": prompt, **_hf_fixed_length(n)}, model), sse_chunks),
+        {"prompt": prompt, **_hf_fixed_length(n)}, model), sse_chunks, lambda raw: _openai_text(json.loads(raw))),
     "hf-chat": Protocol("/v1/chat/completions", lambda prompt, n, model: _openai_stream(
-        {**_chat(prompt), **_hf_fixed_length(n)}, model), sse_chunks),
+        {**_chat(prompt), **_hf_fixed_length(n)}, model), sse_chunks, lambda raw: _openai_text(json.loads(raw))),
 }
 
 
@@ -184,7 +199,8 @@ class Outcome:
 
 
 def send(server: Server, prompt: str, options) -> Outcome:
-    """POST one streaming request on a fresh connection and time every text chunk of the answer."""
+    """POST one request on a fresh connection and time every text chunk of the answer (--no-stream: the whole
+    answer, so only its end-to-end time)."""
     protocol = PROTOCOLS[server.protocol]
     scheme, host, port, base_path = server.address
     connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
@@ -192,11 +208,12 @@ def send(server: Server, prompt: str, options) -> Outcome:
     headers = {"Content-Type": "application/json"}
     if options.api_key:
         headers["Authorization"] = f"Bearer {options.api_key}"
-    body = json.dumps(protocol.body(prompt, options.output_len, options.model))
+    path, body = protocol.request(prompt, options.output_len, options.model, options.stream)
+    body = json.dumps(body)
     outcome = Outcome(prompt_tokens=options.prompt_len)  # until the server's usage says otherwise
     start = time.perf_counter()
     try:
-        connection.request("POST", base_path + protocol.path, body=body, headers=headers)
+        connection.request("POST", base_path + path, body=body, headers=headers)
         response = connection.getresponse()
         outcome.worker = response.getheader("X-Worker-Pid")
         if response.status != 200:
@@ -207,9 +224,11 @@ def send(server: Server, prompt: str, options) -> Outcome:
                 detail = raw.decode("utf-8", errors="replace").strip()[:200]
             outcome.error = f"HTTP {response.status}: {detail}"
             return outcome
-        for chunk in protocol.chunks(response):
+        chunks = protocol.chunks(response) if options.stream else [protocol.whole(response.read())]
+        for chunk in chunks:
             if chunk.text:
-                outcome.chunk_times.append(time.perf_counter() - start)
+                if options.stream:
+                    outcome.chunk_times.append(time.perf_counter() - start)
                 outcome.texts.append(chunk.text)
             if chunk.usage:
                 outcome.usage = chunk.usage
@@ -398,8 +417,9 @@ def summarize(outcomes: list[Outcome], elapsed: float, cpu: float, options) -> d
     """One run's figures; latencies in ms. Failed requests count only as failures."""
     ok = [o for o in outcomes if o.error is None]
     samples = {
-        "ttft": [o.chunk_times[0] for o in ok],
-        "tpot": [(o.e2e - o.chunk_times[0]) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1],
+        # Whole answers (--no-stream) have no first-token time.
+        "ttft": [o.chunk_times[0] for o in ok if o.chunk_times],
+        "tpot": [(o.e2e - o.chunk_times[0]) / (o.output_tokens - 1) for o in ok if o.chunk_times and o.output_tokens > 1],
         "itl": [b - a for o in ok for a, b in itertools.pairwise(o.chunk_times)],
         "e2e": [o.e2e for o in ok],
     }
@@ -583,6 +603,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     amount = cli.add_mutually_exclusive_group()
     amount.add_argument("--requests-per-level", type=int, help="requests per run (default max(4 x C, 16))")
     amount.add_argument("--duration", type=float, help="seconds per run instead of a request count")
+    cli.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                     help="stream answers (default); --no-stream: whole answers, end-to-end latency only")
     cli.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first (default 2)")
     cli.add_argument("--repeats", type=int, default=1, help="runs per server and level; the median is reported")
     cli.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,

@@ -37,13 +37,21 @@ class ChoiceResult:
 
 
 class _ChoiceText:
-    """Decodes one choice's growing token list into text, and holds back what might still become a stop string."""
+    """Decodes one choice's growing token list into text, and holds back what might still become a stop string.
+
+    Decoding is incremental, as in vLLM: each update decodes only its new tokens behind the previous update's tokens
+    (the context that fixes spaces and multi-byte characters at the seam), never the whole answer again, so a long
+    streamed answer costs linear, not quadratic, time.
+    """
 
     def __init__(self, tokenizer, params: SamplingParams, stop_token_ids: set[int]):
         self.tokenizer = tokenizer
         self.params = params
         self.stop_token_ids = stop_token_ids
         self.token_ids: list[int] = []
+        self.text = ""  # the decoded text of token_ids[:read_offset]
+        self.prefix_offset = 0  # where the context of the next decode starts
+        self.read_offset = 0  # tokens already in `text`
         self.sent = 0  # characters of the text already handed out
         self.hold = max((len(s) for s in params.stop or ()), default=1) - 1
 
@@ -53,18 +61,31 @@ class _ChoiceText:
         ids = self.token_ids
         if update.finish_reason == "stop" and ids and ids[-1] in self.stop_token_ids:
             ids = ids[:-1]  # the stop token itself is not part of the answer
-        text = self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
         finish = update.finish_reason
+        self._decode(ids, final=finish is not None)
+        text = self.text
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.params.stop or ()) if i >= 0),
                   default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
         elif finish is None:
-            # Hold back an incomplete character and anything that may be the start of a stop string.
-            end = len(text) - (1 if text.endswith("\ufffd") else 0) - self.hold
-            text = text[: max(end, self.sent)]
+            text = text[: max(len(text) - self.hold, self.sent)]  # what may be the start of a stop string waits
         delta, self.sent = text[self.sent :], len(text)
         return delta, finish
+
+    def _decode(self, ids: list[int], final: bool) -> None:
+        if len(ids) <= self.read_offset:
+            return
+        skip = self.params.skip_special_tokens
+        context = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        decoded = self.tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=skip)
+        if decoded.endswith("\ufffd") and not final:
+            return  # a character whose bytes are not all generated yet: wait for them
+        if decoded.startswith(context):
+            self.text += decoded[len(context) :]
+        else:  # the seam changed earlier text (a tokenizer's clean-up rules): decode the whole answer once
+            self.text = self.tokenizer.decode(ids, skip_special_tokens=skip)
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
 
 
 class TextGeneration:

@@ -62,6 +62,7 @@ class VLLMEngine(Engine):
             # The worker has threads (a forked child would inherit their locks) and may have touched CUDA.
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import EngineArgs, LLMEngine
+        from vllm.usage.usage_lib import UsageContext
 
         self.model_name = model_name
         self.engine = LLMEngine.from_engine_args(
@@ -80,6 +81,8 @@ class VLLMEngine(Engine):
                 # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
                 **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
             ),
+            # vLLM's server's defaults (sequences and tokens per step for this device), not the offline ones.
+            usage_context=UsageContext.OPENAI_API_SERVER,
             enable_multiprocessing=own_process,
         )
         self.tokenizer = self.engine.get_tokenizer()

@@ -1,10 +1,10 @@
-"""Side by side on one machine: this server's transformers engine vs `transformers serve` (vs a naive server).
+"""Side by side on one machine: this server's engines vs `transformers serve`, vLLM's own server, a naive server.
 
 Builds a random-weight Llama of the given shape (machines without network cannot download one), starts every
 server named by `--servers` on the same GPUs (or, with `--gpus cpu`, on the CPU: a row a reader without a GPU can
-reproduce), and runs bench.py over all of them interleaved in one run: per
-concurrency level, one run on each server. Prints bench.py's table and ratios (to the first server) and writes
-its JSON next to the given output prefix; the plot is drawn from the JSON where matplotlib is installed.
+reproduce), and runs bench.py over all of them interleaved in one run: per concurrency level, one run on each
+server. Prints bench.py's table and ratios (to the first server) and writes its JSON next to the given output
+prefix; the plot is drawn from the JSON where matplotlib is installed. `--no-stream` asks for whole answers.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -13,9 +13,14 @@ Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
                 (with --gpus cpu: K CPU workers), its default batching: slots (CUDA graphs) on GPU
   ours-continuous:K   the same with `--batching continuous` (transformers' continuous batching)
   ours-graphs:K the same with `--batching continuous --cuda-graphs`
+  ours-vllm:K   this server, vLLM engine (its default: the engine core in a process of its own on GPUs)
+  ours-vllm-inworker:K   the same with `--vllm-engine-core worker`
+  ours-vllm-tp  this server, vLLM engine, one worker over all the GPUs given (`--per_proc_gpus N`)
+  vllm          vLLM's own OpenAI server (`python3 -m vllm.entrypoints.openai.api_server`) with the same engine
+                settings; over several GPUs tensor parallel, `vllm:dp` data parallel
   naive         one `generate` per request behind a lock (scripts/naive_server.py)
 
-Usage: python scripts/bench_transformers_servers.py CONFIG_AND_TOKENIZER_DIR --servers hf ours:1 ours:4 \
+Usage: python scripts/bench_servers.py CONFIG_AND_TOKENIZER_DIR --servers hf ours:1 ours:4 \
            [--shape 135m|1.7b] [--gpus 0] [--concurrency 1 8 32 64] [--duration 15] [--out results/gpu]
 """
 
@@ -41,8 +46,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from probe_cb_configs import SHAPES, random_model  # noqa: E402
 
 # this server's launcher options per variant (see the docstring)
-VARIANTS = {"ours": [], "ours-continuous": ["--batching", "continuous"],
-            "ours-graphs": ["--batching", "continuous", "--cuda-graphs"]}
+TRANSFORMERS = ["--infer_type", "transformers"]
+VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching", "continuous"],
+            "ours-graphs": [*TRANSFORMERS, "--batching", "continuous", "--cuda-graphs"],
+            "ours-vllm": ["--infer_type", "vllm"], "ours-vllm-tp": ["--infer_type", "vllm"],
+            "ours-vllm-inworker": ["--infer_type", "vllm", "--vllm-engine-core", "worker"]}
+# Options of this server that vLLM's own server takes under the same name (the engine settings)
+SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization")
 HF_KV_SHARE = "0.2"  # of free memory; this server's workers split their own share (transformers_url_m.py)
 
 
@@ -84,6 +94,13 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
         cache = ["--cb-num-blocks", "64"] if gpus == "cpu" else ["--cb-max-memory-percent", HF_KV_SHARE]
         return ([shutil.which("transformers") or "transformers", "serve", str(model), "--continuous-batching",
                  "--host", "127.0.0.1", "--port", str(port), *cache], env, "hf-completions", 1)
+    if name == "vllm":
+        count = len(gpus.split(","))
+        parallel = ["--data-parallel-size" if arg == "dp" else "--tensor-parallel-size", str(count)]
+        engine = [option for i, option in enumerate(ours_options)
+                  if option in SHARED_WITH_VLLM or (i and ours_options[i - 1] in SHARED_WITH_VLLM)]
+        return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                 "--host", "127.0.0.1", "--port", str(port), *parallel, *engine], env, "completions", 1)
     if name == "naive":
         return [sys.executable, str(ROOT / "scripts" / "naive_server.py"), str(model), str(port)], env, "completions", 1
     if name in VARIANTS:
@@ -91,13 +108,14 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
         # The dispatcher takes these GPUs (found through NVML) and pins each worker; its own state file per run.
         env = {**os.environ, "DISPATCHER_STATE": str(Path(tempfile.gettempdir()) / f"bench-slices-{port}.json")}
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--infer_type", "transformers",
-                   "--port", str(port), *VARIANTS[name], *ours_options]
+        command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--port", str(port),
+                   *VARIANTS[name], *ours_options]
         if gpus == "cpu":  # in the weights' dtype, as the other servers load them (this server's CPU default: float32)
             return [*command, "--cpu-workers", str(per_gpu), "--dtype", "bfloat16"], env, "completions", per_gpu
         env["GPU_IDS"] = gpus
-        command += ["--per_proc_gpus", "1", "--workers-per-gpu", str(per_gpu)]
-        return command, env, "completions", per_gpu * len(gpus.split(","))
+        per_slice = len(gpus.split(",")) if name == "ours-vllm-tp" else 1
+        command += ["--per_proc_gpus", str(per_slice), "--workers-per-gpu", str(per_gpu)]
+        return command, env, "completions", per_gpu * len(gpus.split(",")) // per_slice
     raise SystemExit(f"unknown server {spec!r}: use hf, naive, or {' '.join(name + ':K' for name in VARIANTS)}")
 
 
@@ -139,12 +157,16 @@ def main() -> None:
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.3,
                      help="this server's share of each GPU (its servers share the GPUs with the others)")
     cli.add_argument("--client-processes", type=int, default=4, help="bench.py's --client-processes")
+    cli.add_argument("--modes", nargs="+", choices=("stream", "whole"), default=["stream"],
+                     help="one bench.py run per mode: streamed answers, and/or whole ones (bench.py --no-stream)")
+    cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    model = work / f"random-smollm2-{options.shape}"
-    build_model(options.source, options.shape, model)
+    model = options.keep_model or work / f"random-smollm2-{options.shape}"
+    if not (model / "config.json").exists():
+        build_model(options.source, options.shape, model)
     servers: list[tuple[str, subprocess.Popen]] = []  # (bench.py's --url for it, the process)
     try:
         for spec in options.servers:
@@ -161,15 +183,19 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             servers.append((f"{label(spec)}={url}@{protocol}", process))
             wait_ready(url, workers, process, options.ready_timeout)  # one by one: each sizes its cache alone
-        bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--no-progress",
-                 "--concurrency", *map(str, options.concurrency), "--duration", str(options.duration),
-                 "--repeats", str(options.repeats), "--client-processes", str(options.client_processes),
-                 "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
-                 "--json", str(options.out.with_suffix(".json")), "--plot", str(options.out.with_suffix(".png"))]
-        for bench_url, _ in servers:
-            bench += ["--url", bench_url]
-        print("$", " ".join(bench), flush=True)
-        subprocess.run(bench, check=False)
+        for mode in options.modes:  # the same servers for every mode
+            out = options.out.with_name(options.out.name + ("" if mode == "stream" else "-whole"))
+            bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--model", str(model),
+                     "--no-progress", "--concurrency", *map(str, options.concurrency),
+                     "--duration", str(options.duration), "--repeats", str(options.repeats),
+                     "--client-processes", str(options.client_processes),
+                     "--stream" if mode == "stream" else "--no-stream",
+                     "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
+                     "--json", str(out.with_suffix(".json")), "--plot", str(out.with_suffix(".png"))]
+            for bench_url, _ in servers:
+                bench += ["--url", bench_url]
+            print("$", " ".join(bench), flush=True)
+            subprocess.run(bench, check=False)
     finally:
         for _, process in servers:
             with contextlib.suppress(ProcessLookupError):

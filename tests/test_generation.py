@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine import ChoiceUpdate, Engine, GenerationStream
-from generation import TextGeneration
+from generation import TextGeneration, _ChoiceText
 from request_schema import SamplingParams
 
 
@@ -133,3 +133,16 @@ def test_collecting_without_stop_strings_holds_updates_and_with_them_does_not(to
     TextGeneration(engine, [1], SamplingParams()).collect()
     TextGeneration(engine, [1], SamplingParams(stop=("x",))).collect()
     assert [stream.incremental for stream in engine.streams] == [False, True]
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("text", [" naïve café, 日本語 and 🙂🙃 emoji", "  spaces\n\n and\ttabs  ", "<|im_end|> special"])
+def test_text_decoded_token_by_token_is_the_whole_decode_and_never_shows_a_broken_character(
+        tokenizer, text, skip_special_tokens):
+    tokens = ids(tokenizer, text)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    choice = _ChoiceText(tokenizer, params, set())
+    pieces = [choice.advance(ChoiceUpdate(0, [token], None, None))[0] for token in tokens[:-1]]
+    pieces.append(choice.advance(ChoiceUpdate(0, tokens[-1:], None, "length"))[0])
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

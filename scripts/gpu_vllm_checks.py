@@ -1,0 +1,256 @@
+"""The vLLM engine on a GPU machine: vLLM's in-process ceiling, correctness, and no orphaned engine processes.
+
+  ceiling MODEL_DIR       vLLM in-process (`LLM.generate`) on N prompts of P random tokens at once, O new tokens
+                          each (greedy, EOS ignored): output tok/s, the figure a server on the same GPU aims at.
+  correctness SOURCE_DIR  a random-weight model of the embedded model's shape, served in float32 by this server's
+                          vLLM engine and its transformers engine: greedy texts compared, the vLLM engine's prompt
+                          log-probabilities against a direct transformers forward pass, and a seeded sampled
+                          request repeated alone and among others.
+  orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own) under load: kill -9 of
+                          the worker, HUP, SIGTERM, and kill -9 of the master; nvidia-smi's compute processes before
+                          and after each, and whether the old engine's processes were gone before the new one loaded.
+
+Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|orphans DIR [--gpu-memory-utilization 0.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_servers import build_model, free_port  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+           "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]
+
+
+def ceiling(model: Path, options) -> None:
+    import numpy
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model), max_model_len=options.max_model_len, gpu_memory_utilization=options.gpu_memory_utilization,
+              seed=0)
+    vocab = llm.get_tokenizer().vocab_size
+    rng = numpy.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=options.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}] * 8, params, use_tqdm=False)  # warm-up
+    for count in options.requests:
+        prompts = [{"prompt_token_ids": rng.integers(100, vocab - 100, options.prompt_len).tolist()}
+                   for _ in range(count)]
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        print(f"| vLLM in-process LLM.generate | {count} x {options.prompt_len}/{options.output_len} | "
+              f"{tokens / elapsed:,.0f} output tok/s | {elapsed:.2f} s |", flush=True)
+
+
+class Server:
+    def __init__(self, model: Path, *args: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "DISPATCHER_STATE": str(Path(tempfile.mkdtemp()) / "slices.json")}
+        command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--port", str(self.port), *args]
+        print("$", " ".join(command), flush=True)
+        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def ready(self, timeout_s: float = 600) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited with {self.process.returncode}")
+            try:
+                answer = requests.get(f"{self.url}/ready", timeout=5)
+                if answer.status_code == 200:
+                    return answer.json()
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"{self.url} not ready after {timeout_s} s")
+
+    def post(self, path: str, body: dict) -> dict:
+        answer = requests.post(f"{self.url}{path}", json=body, timeout=300)
+        answer.raise_for_status()
+        return answer.json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=120)
+
+
+def correctness(source: Path, options) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = Path(tempfile.mkdtemp()) / "random-smollm2-135m"
+    build_model(source, "135m", model)
+    common = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--enforce-eager"]
+    vllm = Server(model, "--infer_type", "vllm", *common, log=options.out / "correctness-vllm.log")
+    hf = Server(model, "--infer_type", "transformers", *common, log=options.out / "correctness-transformers.log")
+    try:
+        print("vLLM engine:", vllm.ready(), "\ntransformers engine:", hf.ready(), flush=True)
+        greedy = {"temperature": 0, "max_tokens": 32, "ignore_eos": True, "skip_special_tokens": False}
+        ours, theirs = vllm.post("/infer", {"instances": PROMPTS, "params": greedy}), hf.post(
+            "/infer", {"instances": PROMPTS, "params": greedy})
+        equal = sum(a == b for a, b in zip(ours, theirs))
+        print(f"greedy, 32 tokens, float32: {equal}/{len(PROMPTS)} texts equal between the engines")
+        for prompt, a, b in zip(PROMPTS, ours, theirs):
+            if a != b:
+                common_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                print(f"  differ after {common_prefix} characters: {prompt!r}: {a!r} vs {b!r}")
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).cuda().eval()
+        worst = 0.0
+        scores = vllm.post("/infer", {"instances": PROMPTS, "params": {"prompt_logprobs": 0, "max_tokens": 1}})
+        for prompt, row in zip(PROMPTS, scores):
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].cuda()
+            with torch.inference_mode():
+                logits = reference(ids).logits.float()
+            direct = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+            worst = max(worst, (direct - torch.tensor(row)).abs().max().item())
+        print(f"prompt log-probabilities, vLLM engine vs a direct float32 forward pass: max |difference| "
+              f"{worst:.2e} nats over {len(PROMPTS)} prompts")
+
+        seeded = {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 1.0, "seed": 1234}
+        alone = [vllm.post("/v1/completions", seeded)["choices"][0]["text"] for _ in range(2)]
+        with ThreadPoolExecutor(9) as pool:
+            others = [pool.submit(vllm.post, "/v1/completions", {**seeded, "seed": i}) for i in range(8)]
+            among = pool.submit(vllm.post, "/v1/completions", seeded).result()["choices"][0]["text"]
+            [other.result() for other in others]
+        print(f"seed 1234, temperature 1: the same text twice alone: {alone[0] == alone[1]}; "
+              f"the same among 8 other requests: {among == alone[0]}")
+    finally:
+        vllm.stop()
+        hf.stop()
+
+
+def gpu_processes() -> list[tuple[int, int]]:
+    """(pid, MiB) of every compute process nvidia-smi sees."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return [(int(pid), int(mib)) for pid, mib in (line.split(", ") for line in out.strip().splitlines() if line)]
+
+
+def show(what: str) -> list[tuple[int, int]]:
+    processes = gpu_processes()
+    used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip()
+    print(f"{what}: nvidia-smi compute processes {processes or 'none'}; GPU memory used {used}", flush=True)
+    return processes
+
+
+class Load:
+    """Client threads streaming completions until stopped; counts outcomes."""
+
+    def __init__(self, url: str, clients: int = 16):
+        self.url, self.stop_event, self.counts = url, threading.Event(), {"ok": 0, "failed": 0}
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                answer = requests.post(f"{self.url}/v1/completions", timeout=60, json={
+                    "prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True, "temperature": 0})
+                self.counts["ok" if answer.status_code == 200 else "failed"] += 1
+            except requests.RequestException:
+                self.counts["failed"] += 1
+                time.sleep(0.2)
+
+    def end(self) -> dict:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+        return self.counts
+
+
+def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
+    started = time.monotonic()
+    while {pid for pid, _ in gpu_processes()} & pids:
+        if time.monotonic() - started > timeout_s:
+            raise SystemExit(f"GPU processes {pids} still there after {timeout_s} s")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def orphans(model: Path, options) -> None:
+    args = ["--infer_type", "vllm", "--max-model-len", "1024", "--gpu-memory-utilization",
+            str(options.gpu_memory_utilization), "--enforce-eager", "--timeout", "30"]
+    server = Server(model, *args, log=options.out / "orphans.log")
+    try:
+        worker = server.ready()["pid"]
+        before = {pid for pid, _ in show("loaded")}
+        load = Load(server.url)
+        time.sleep(3)
+        os.kill(worker, signal.SIGKILL)
+        gone = wait_gone(before)
+        # The replacement's engine appears only after the old one's memory is free (the master waits for it).
+        print(f"kill -9 of worker {worker} under load: its engine's GPU processes {sorted(before)} gone after "
+              f"{gone:.1f} s", flush=True)
+        show("right after")
+        worker = server.ready()["pid"]
+        before = {pid for pid, _ in show(f"replacement {worker} loaded")}
+        os.kill(server.process.pid, signal.SIGHUP)
+        gone = wait_gone(before)
+        worker = server.ready()["pid"]
+        print(f"HUP under load: the old engine's GPU processes gone after {gone:.1f} s; new worker {worker}")
+        before = {pid for pid, _ in show("after HUP")}
+        print("requests during the kill and the reload:", load.end(), flush=True)
+        load = Load(server.url)
+        time.sleep(3)
+        os.kill(server.process.pid, signal.SIGTERM)
+        code = server.process.wait(timeout=120)
+        print(f"SIGTERM under load: master exited {code}; requests: {load.end()}")
+        print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
+        show("after SIGTERM")
+    finally:
+        server.stop()
+    server = Server(model, *args, log=options.out / "orphans-master.log")
+    try:
+        server.ready()
+        before = {pid for pid, _ in show("second server loaded")}
+        load = Load(server.url)
+        time.sleep(3)
+        os.kill(server.process.pid, signal.SIGKILL)
+        print(f"kill -9 of the master under load: its worker's engine GPU processes gone after "
+              f"{wait_gone(before):.1f} s; requests: {load.end()}")
+        show("after kill -9 of the master")
+    finally:
+        server.process.wait(timeout=30)
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("check", choices=("ceiling", "correctness", "orphans"))
+    cli.add_argument("dir", type=Path, help="the model (ceiling, orphans) or the config and tokenizer (correctness)")
+    cli.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    cli.add_argument("--max-model-len", type=int, default=1024)
+    cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
+    cli.add_argument("--prompt-len", type=int, default=128)
+    cli.add_argument("--output-len", type=int, default=128)
+    cli.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
+    options = cli.parse_args()
+    options.out.mkdir(parents=True, exist_ok=True)
+    {"ceiling": ceiling, "correctness": correctness, "orphans": orphans}[options.check](options.dir, options)
+
+
+if __name__ == "__main__":
+    main()
