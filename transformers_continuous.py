@@ -6,8 +6,8 @@ Sequences join and leave the running batch at every step, so a short request nev
 cancelled one leaves at once.
 
 The manager applies temperature, top-k and top-p per request and a per-request end-of-sequence set; requests that
-need anything else (a seed, penalties, min_p, logprobs) go to the engine's batched `generate` path instead
-(`can_serve`). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes for every request alike.
+need anything else (a sampling seed, penalties, min_p, logprobs) go to the engine's batched `generate` path instead
+(`can_serve`; the engine drops a greedy request's seed before asking). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes for every request alike.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ crosses from the 128-column length bucket into the next); n=2; the three ends of
 token, the `max_len` cap) and the prompt-length refusal; cancelling; the sampling path (top-k 1 equals greedy, also
 in one step with a top-p sampled row and a greedy row); `paused`; the loop's death (`on_death`, open and queued
 streams fail, later `start`s are refused); `supports` and `can_serve`; how many slots a cache budget holds.
+
+Every request on the fast path, against the engine's batched-generate path or transformers' own processors: a
+greedy request's seed changes nothing and keeps it on the slot path; seeded sampling gives the same tokens alone
+and among other rows; logprobs and penalty rows equal the batched-generate path's; temperature, top-k, top-p and
+min-p equal transformers' warpers; prompt log-probabilities of requests waiting together share forward passes
+(also within a small token budget) and equal one forward pass per prompt.
 """
 
 from __future__ import annotations
