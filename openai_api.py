@@ -88,6 +88,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_hold_text(cls, value):
+        if isinstance(value, list) and any(part.get("type") == "text" and not isinstance(part.get("text", ""), str)
+                                           for part in value):
+            raise ValueError("a text part's `text` must be a string")
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
             return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")

@@ -3,8 +3,8 @@
 `GET /openapi.json` (serving.py) answers `openapi_json()`: built once per process from `model_json_schema`-style
 output of the request models (request_schema.InferRequest and SamplingParams; openai_api.CompletionRequest and
 ChatCompletionRequest; tokenizer_api's requests; `GenerateRequest` below for `/generate`, whose handler reads its body
-by hand) and of small response models below. Every `$ref` points into `components/schemas`; numeric bounds (ge/le/gt/lt) stay in the
-document, so a fuzzer (tests/test_fuzz.py runs schemathesis against it) explores the edges.
+by hand) and of small response models below. Every `$ref` points into `components/schemas`; numeric bounds
+(ge/le/gt/lt) stay in the document, so a fuzzer (tests/test_fuzz.py runs schemathesis against it) explores the edges.
 
 A few adjustments say what the handlers do around the models, so the document describes the server a client sees:
 
@@ -13,6 +13,7 @@ A few adjustments say what the handlers do around the models, so the document de
 - The OpenAI requests' sampling fields are validated again as SamplingParams (openai_api._sampling_params):
   they carry SamplingParams' bounds here.
 - `stop` takes one string or a list; stop strings and prompts must not be empty.
+- A chat message's text part (`{"type": "text"}`) must hold its `text` as a string.
 - `/tokenize` takes a body with `messages` as a conversation, any other as a text; a conversation may not ask for
   both `continue_final_message` and `add_generation_prompt` (true by default).
 - `/infer` takes `"params": null` as the defaults; `/generate` streams for `"stream": true` and answers whole for any
@@ -297,6 +298,11 @@ def _adjust(schemas: dict[str, dict]) -> None:
         properties["stop"] = _stop_schema("strings that end generation; not part of the answer") | {
             "title": "Stop"}
     _adjust_tokenize(schemas)
+    # openai_api.ChatMessage: a text part's `text` is a string.
+    for branch in _branches(schemas["ChatMessage"]["properties"]["content"]):
+        if branch.get("type") == "array":
+            branch["items"] |= {"if": {"required": ["type"], "properties": {"type": {"const": "text"}}},
+                                "then": {"properties": {"text": {"type": "string"}}}}
     # Prompts: a string, a list of strings, token ids, or lists of token ids; none of them empty.
     for branch in _branches(schemas["CompletionRequest"]["properties"]["prompt"]):
         if branch.get("type") == "string":

@@ -391,6 +391,7 @@ def test_tokenizer_info_gives_harnesses_the_special_tokens_and_chat_template(ser
     ("/tokenize", {"messages": []}, "messages"),
     ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ("/tokenize", {"messages": QUESTION, "continue_final_message": True}, None),  # and the generation prompt
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content"),
     ("/tokenize", ["not", "an", "object"], None),
     ("/detokenize", {"tokens": [1, -1]}, "tokens.1"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
