@@ -13,7 +13,6 @@ request, as it does against any server.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import requests
@@ -61,12 +60,16 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def task_manager(tmp_path_factory):
-    """The two tasks in a folder of their own; lm-eval's offline switches on before it (and `datasets`) is imported."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """The two tasks in a folder of their own. The hub stays offline for this module: nothing is fetched."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield _write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
+def _write_tasks(folder):
     from lm_eval.tasks import TaskManager
 
-    folder = tmp_path_factory.mktemp("lm_eval_tasks")
     rows = {
         "tiny_choice": [{"question": q, "choices": choices, "answer": answer} for q, choices, answer in QUESTIONS],
         "tiny_generation": [{"prompt": prompt, "answer": answer} for prompt, answer in PROMPTS],
