@@ -33,8 +33,11 @@ def post(server, path, body, headers=AUTH, timeout=60, **kwargs):
     ("/generate", {"prompt": "Hi", "max_tokens": 1}),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+    ("/vllm-url-infer", {"instances": ["Hi"], "params": {"max_tokens": 1}}),
+    ("/tokenize", {"prompt": "Hi"}),
+    ("/detokenize", {"tokens": [1]}),
 ])
-def test_generation_routes_need_a_key(server, path, body):
+def test_generation_and_tokenizer_routes_need_a_key(server, path, body):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         response = post(server, path, body, headers=headers)
         assert response.status_code == 401
@@ -42,6 +45,12 @@ def test_generation_routes_need_a_key(server, path, body):
         assert response.headers["WWW-Authenticate"] == "Bearer"
     assert post(server, path, body).status_code == 200
     assert post(server, path, body, headers={"Authorization": "Bearer another-key"}).status_code == 200
+
+
+def test_tokenizer_info_needs_a_key(server):
+    assert requests.get(f"{server.url}/tokenizer_info", timeout=10).status_code == 401
+    authorized = requests.get(f"{server.url}/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert authorized.status_code == 200
 
 
 def test_monitoring_routes_stay_open_by_default(server):
