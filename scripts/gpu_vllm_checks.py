@@ -116,11 +116,12 @@ def correctness(source: Path, options) -> None:
                 print(f"  differ after {common_prefix} characters: {prompt!r}: {a!r} vs {b!r}")
 
         tokenizer = AutoTokenizer.from_pretrained(model)
-        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).cuda().eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
         worst = 0.0
         scores = vllm.post("/infer", {"instances": PROMPTS, "params": {"prompt_logprobs": 0, "max_tokens": 1}})
         for prompt, row in zip(PROMPTS, scores):
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].cuda()
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
             with torch.inference_mode():
                 logits = reference(ids).logits.float()
             direct = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
