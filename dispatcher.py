@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 from filelock import FileLock
 
+from engine_processes import group_members
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_FILE = "/tmp/gunicorn-llm-gpu-slices.json"
@@ -79,13 +81,21 @@ class Holder:
         return cls(pid=pid, started=_start_time(pid), server=f"{server_pid}@{_start_time(server_pid)}")
 
     def is_alive(self) -> bool:
+        """The holder runs, or it is gone but processes it started in its own process group (a worker's engine,
+        engine_processes.py) still do: the slice's GPU memory is not free until they end."""
         try:
             process = psutil.Process(self.pid)
-            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
+            if process.create_time() != self.started:
+                return False  # the pid was reused, which Linux does only once the holder's group is gone too
+            if process.status() != psutil.STATUS_ZOMBIE:
+                return True
         except psutil.AccessDenied:  # another user's process behind hidepid: alive as far as we can tell
             return True
+        except psutil.NoSuchProcess:
+            pass
         except psutil.Error:
             return False
+        return bool(group_members(self.pid))
 
 
 def _start_time(pid: int) -> float:

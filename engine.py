@@ -168,6 +168,8 @@ class Engine(ABC):
 
     #: set once the engine died: /ready answers 503 and new requests are refused until the worker is replaced
     failure: BaseException | None = None
+    #: set when the worker exits: its engine's processes are being ended, which is no failure
+    stopping = False
     #: FAULT_INJECT_AFTER_STEPS: fail the engine at this generation step (fault tests only)
     _fail_at_step: int | None = None
     _steps = 0
@@ -219,7 +221,7 @@ class Engine(ABC):
     def die(self, error: BaseException) -> None:
         """Mark the engine dead and ask gunicorn for a fresh worker: a graceful stop lets in-flight requests end
         (they fail fast now), then the master starts a replacement that builds a new engine."""
-        if self.failure is not None:
+        if self.failure is not None or self.stopping:
             return
         self.failure = error
         log.error("worker %s: the engine died (%s); stopping this worker so that gunicorn replaces it",

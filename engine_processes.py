@@ -9,8 +9,10 @@ not give its id to a new process while any member lives). When gunicorn's master
 worker's group and waits until no member is left, before it frees the worker's slice: the GPU memory is free again
 before a replacement loads.
 
-A worker that stops gracefully (SIGTERM, HUP, --max-requests) shuts its engine down itself; the sweep then finds
-nothing. When the master dies, the workers notice and stop gracefully. (A process's environment cannot carry the
+A worker that stops gracefully (SIGTERM, HUP, --max-requests, its master gone) ends its group's other processes
+itself as it exits (gunicorn's worker_exit hook), waiting a bounded time: Python's exit would otherwise wait forever
+for a child process nobody told to stop. And a dead worker's slice counts as held while any process of its group
+lives (dispatcher.py), so a replacement never loads onto GPU memory an old engine still holds. (A process's environment cannot carry the
 mark instead: vLLM's processes rename themselves with setproctitle, which overwrites what /proc shows of it.)
 """
 
@@ -24,6 +26,7 @@ import time
 import psutil
 
 END_WAIT_S = 30.0
+STOP_GRACE_S = 10.0  # an engine asked to stop (SIGTERM) gets this long before it is killed
 
 log = logging.getLogger("gunicorn.error")
 
@@ -48,15 +51,39 @@ def group_members(group: int) -> list[int]:
 def end_worker_group(worker_pid: int) -> list[int]:
     """In the master, once the worker is reaped: kill what is left of its group and wait until it is gone."""
     leftovers = group_members(worker_pid)
-    if not leftovers:
-        return []
-    try:
-        os.killpg(worker_pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return []
-    deadline = time.monotonic() + END_WAIT_S
-    while (alive := group_members(worker_pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive:
-        log.error("processes %s of dead worker %s did not end within %.0f s", alive, worker_pid, END_WAIT_S)
+    if leftovers:
+        _signal_and_wait(leftovers, signal.SIGKILL, END_WAIT_S, f"processes of dead worker {worker_pid}")
     return leftovers
+
+
+def end_own_group(grace_s: float = STOP_GRACE_S) -> list[int]:
+    """In a worker that is exiting: stop the other processes of its group (SIGTERM, then SIGKILL after `grace_s`)."""
+    me = os.getpid()
+    if os.getpgid(0) != me:
+        return []
+    others = [pid for pid in group_members(me) if pid != me]
+    if others and _signal_and_wait(others, signal.SIGTERM, grace_s, "engine processes"):
+        _signal_and_wait(others, signal.SIGKILL, END_WAIT_S, "engine processes")
+    return others
+
+
+def _signal_and_wait(pids: list[int], sig: int, wait_s: float, what: str) -> list[int]:
+    """Signal the processes and wait up to `wait_s` for them to end; the ones still running."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while (alive := [pid for pid in pids if _runs(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive and sig == signal.SIGKILL:
+        log.error("%s %s did not end within %.0f s", what, alive, wait_s)
+    return alive
+
+
+def _runs(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -12,7 +12,7 @@ import tempfile
 
 import systemd_notify
 from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
-from engine_processes import end_worker_group, lead_own_group
+from engine_processes import end_own_group, end_worker_group, lead_own_group
 from server_settings import load_settings
 
 WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
@@ -81,6 +81,17 @@ def post_fork(server, worker):
         sys.exit(WORKER_BOOT_ERROR)
     pin_slice(acquired)
     worker.log.info("worker %s pinned to slice %d (%s)", os.getpid(), acquired.index, acquired.label)
+
+
+def worker_exit(server, worker):
+    from serving import loaded_engine  # in the worker, where the app is loaded
+
+    engine = loaded_engine(worker.wsgi) if getattr(worker, "wsgi", None) is not None else None
+    if engine is not None:
+        engine.stopping = True
+    ended = end_own_group()  # the engine's own processes: else the exit waits on them forever
+    if ended:
+        worker.log.info("worker %s stopped its engine's processes %s", os.getpid(), ended)
 
 
 def child_exit(server, worker):

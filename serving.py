@@ -72,6 +72,12 @@ class EngineSlot:
         return self.engine if self._ready.wait(timeout_s) else None
 
 
+def loaded_engine(app: Flask) -> Engine | None:
+    """The app's engine once it has loaded (None before, or for an app create_app did not make)."""
+    slot = app.extensions.get(ENGINE_KEY)
+    return slot.engine if isinstance(slot, EngineSlot) else None
+
+
 def app_for(engine_class: type) -> Flask:
     """The WSGI app of a backend module: its engine, built in the worker from the settings, behind create_app."""
     settings = load_settings()
