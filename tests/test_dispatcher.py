@@ -6,6 +6,7 @@ about the lock or the processes is mocked. GPU lists come from GPU_IDS-style con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -333,6 +334,31 @@ def test_record_of_reused_pid_counts_as_dead(spawn_server, state_file):
     dispatcher = make_dispatcher(state_file, "0")
     assert dispatcher.acquire_slice(os.getpid(), os.getpid()).label == "0"
     assert dispatcher.held_by(os.getpid()) == {os.getpid(): "0"}
+
+
+def test_slice_of_a_dead_holder_stays_held_while_a_process_of_its_group_lives(state_file):
+    # A worker leads its own process group and its engine's processes join it (engine_processes.py): until the
+    # last of them ends, the slice's GPU memory is not free.
+    holder = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; os.setpgid(0, 0); "
+                               "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    engine = int(holder.stdout.readline())
+    try:
+        _write_record(state_file, holder.pid, psutil.Process(holder.pid).create_time())
+        holder.kill()
+        holder.wait(timeout=10)
+        with pytest.raises(NoFreeSliceError):
+            make_dispatcher(state_file, "0").acquire_slice(os.getpid(), os.getpid())
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(engine) and psutil.Process(engine).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert make_dispatcher(state_file, "0").acquire_slice(os.getpid(), os.getpid()).label == "0"
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
