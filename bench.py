@@ -419,7 +419,8 @@ def summarize(outcomes: list[Outcome], elapsed: float, cpu: float, options) -> d
     samples = {
         # Whole answers (--no-stream) have no first-token time.
         "ttft": [o.chunk_times[0] for o in ok if o.chunk_times],
-        "tpot": [(o.e2e - o.chunk_times[0]) / (o.output_tokens - 1) for o in ok if o.chunk_times and o.output_tokens > 1],
+        "tpot": [(o.e2e - o.chunk_times[0]) / (o.output_tokens - 1)
+                 for o in ok if o.chunk_times and o.output_tokens > 1],
         "itl": [b - a for o in ok for a, b in itertools.pairwise(o.chunk_times)],
         "e2e": [o.e2e for o in ok],
     }

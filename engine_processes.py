@@ -12,8 +12,10 @@ before a replacement loads.
 A worker that stops gracefully (SIGTERM, HUP, --max-requests, its master gone) ends its group's other processes
 itself as it exits (gunicorn's worker_exit hook), waiting a bounded time: Python's exit would otherwise wait forever
 for a child process nobody told to stop. And a dead worker's slice counts as held while any process of its group
-lives (dispatcher.py), so a replacement never loads onto GPU memory an old engine still holds. (A process's environment cannot carry the
-mark instead: vLLM's processes rename themselves with setproctitle, which overwrites what /proc shows of it.)
+lives (dispatcher.py), so a replacement never loads onto GPU memory an old engine still holds.
+
+Why a process group and not a mark in the environment: vLLM's processes rename themselves with setproctitle, which
+overwrites what /proc shows of their environment.
 """
 
 from __future__ import annotations

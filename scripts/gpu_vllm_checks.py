@@ -42,8 +42,8 @@ def ceiling(model: Path, options) -> None:
     import numpy
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model), max_model_len=options.max_model_len, gpu_memory_utilization=options.gpu_memory_utilization,
-              seed=0)
+    llm = LLM(model=str(model), max_model_len=options.max_model_len,
+              gpu_memory_utilization=options.gpu_memory_utilization, seed=0)
     vocab = llm.get_tokenizer().vocab_size
     rng = numpy.random.default_rng(0)
     params = SamplingParams(temperature=0, max_tokens=options.output_len, ignore_eos=True)
