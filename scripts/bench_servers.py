@@ -197,15 +197,31 @@ def main() -> None:
             print("$", " ".join(bench), flush=True)
             subprocess.run(bench, check=False)
     finally:
-        for _, process in servers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for _, process in servers:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_servers([process for _, process in servers])
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_servers(processes: list[subprocess.Popen], wait_s: float = 60) -> None:
+    """SIGTERM to each server's process group; what has not ended after `wait_s` is killed, every process of the
+    server's tree included (this server's workers lead process groups of their own, which a group kill misses)."""
+    import psutil
+
+    trees = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            trees[process.pid] = psutil.Process(process.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            for child in trees.get(process.pid, []):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            process.wait()
 
 
 if __name__ == "__main__":

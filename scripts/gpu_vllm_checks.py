@@ -32,7 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_servers import build_model, free_port  # noqa: E402
+from bench_servers import build_model, free_port, stop_servers  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]
@@ -90,8 +90,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=120)
+            stop_servers([self.process], wait_s=120)
 
 
 def correctness(source: Path, options) -> None:

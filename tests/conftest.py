@@ -3,6 +3,7 @@ server per engine for the modules that hold both engines to one contract."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -112,11 +113,18 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            try:  # the workers lead process groups of their own: a group kill of the master's misses them
+                tree = psutil.Process(self.process.pid).children(recursive=True)
+            except psutil.Error:
+                tree = []
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                for process in tree:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
                 self.process.wait()
 
 
