@@ -6,9 +6,9 @@
                           vLLM engine and its transformers engine: greedy texts compared, the vLLM engine's prompt
                           log-probabilities against a direct transformers forward pass, and a seeded sampled
                           request repeated alone and among others.
-  orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own) under load: kill -9 of
-                          the worker, HUP, SIGTERM, and kill -9 of the master; nvidia-smi's compute processes before
-                          and after each, and whether the old engine's processes were gone before the new one loaded.
+  orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own; --per-proc-gpus 2:
+                          tensor parallel) under load: kill -9 of the worker, HUP, SIGTERM, and kill -9 of the
+                          master; nvidia-smi's compute processes before and after each.
 
 Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|orphans DIR [--gpu-memory-utilization 0.4]
 """
@@ -193,7 +193,8 @@ def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
 
 def orphans(model: Path, options) -> None:
     args = ["--infer_type", "vllm", "--max-model-len", "1024", "--gpu-memory-utilization",
-            str(options.gpu_memory_utilization), "--enforce-eager", "--timeout", "30"]
+            str(options.gpu_memory_utilization), "--enforce-eager", "--timeout", "30",
+            "--per_proc_gpus", str(options.per_proc_gpus)]
     server = Server(model, *args, log=options.out / "orphans.log")
     try:
         worker = server.ready()["pid"]
@@ -243,6 +244,7 @@ def main() -> None:
     cli.add_argument("dir", type=Path, help="the model (ceiling, orphans) or the config and tokenizer (correctness)")
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     cli.add_argument("--max-model-len", type=int, default=1024)
+    cli.add_argument("--per-proc-gpus", type=int, default=1, help="orphans: GPUs per worker (tensor parallel)")
     cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
     cli.add_argument("--prompt-len", type=int, default=128)
     cli.add_argument("--output-len", type=int, default=128)

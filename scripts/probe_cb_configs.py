@@ -21,10 +21,12 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
-SHAPES = {  # SmolLM2 sizes; 135m is the embedded model's own config
+SHAPES = {  # SmolLM2 sizes; 135m is the embedded model's own config; 8b: a Llama-3-8B-sized one (grouped KV heads)
     "135m": {},
     "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
              "num_key_value_heads": 32, "head_dim": 64},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128},
 }
 
 
