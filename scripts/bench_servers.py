@@ -14,7 +14,7 @@ Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   ours-continuous:K   the same with `--batching continuous` (transformers' continuous batching)
   ours-graphs:K the same with `--batching continuous --cuda-graphs`
   ours-vllm:K   this server, vLLM engine (its default: the engine core in a process of its own on GPUs)
-  ours-vllm-inworker:K   the same with `--vllm-engine-core worker`
+  ours-vllm-inworker:K, ours-vllm-process:K   the same with `--vllm-engine-core worker` or `process`
   ours-vllm-tp  this server, vLLM engine, one worker over all the GPUs given (`--per_proc_gpus N`)
   vllm          vLLM's own OpenAI server (`python3 -m vllm.entrypoints.openai.api_server`) with the same engine
                 settings; over several GPUs tensor parallel, `vllm:dp` data parallel
@@ -50,7 +50,8 @@ TRANSFORMERS = ["--infer_type", "transformers"]
 VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching", "continuous"],
             "ours-graphs": [*TRANSFORMERS, "--batching", "continuous", "--cuda-graphs"],
             "ours-vllm": ["--infer_type", "vllm"], "ours-vllm-tp": ["--infer_type", "vllm"],
-            "ours-vllm-inworker": ["--infer_type", "vllm", "--vllm-engine-core", "worker"]}
+            "ours-vllm-inworker": ["--infer_type", "vllm", "--vllm-engine-core", "worker"],
+            "ours-vllm-process": ["--infer_type", "vllm", "--vllm-engine-core", "process"]}
 # Options of this server that vLLM's own server takes under the same name (the engine settings)
 SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization")
 HF_KV_SHARE = "0.2"  # of free memory; this server's workers split their own share (transformers_url_m.py)

@@ -1,0 +1,153 @@
+"""An evaluation harness's load, timed end to end: lm-evaluation-harness-shaped requests against servers, and the
+same requests through lm-eval's in-process `hf` model.
+
+The load is drawn from --seed, the same for every target:
+- --items multiple-choice items, each a context of 100-500 random tokens and 4 options of 1-8 tokens, scored as
+  lm-eval's `local-completions` scores them: one request per context and option, the option's text appended to
+  the context, `echo: true, logprobs: 1, max_tokens: 1, temperature: 0, seed: 1234`; the option's log-likelihood is
+  the sum of its tokens' log-probabilities;
+- --generations greedy generate-until requests: a 200-token prompt, up to --max-gen-tokens new tokens, stop
+  "\\n\\n", `seed: 1234`.
+Requests go out from --concurrency client threads, log-likelihoods first, then generations.
+
+Targets: NAME=URL for an OpenAI-compatible server (this server with either engine, vLLM's own server), and
+`--hf MODEL_DIR` for lm-eval's `HFLM` (batch_size auto, bf16 on a GPU) on the same requests in this process. Prints
+one row per target: seconds for the log-likelihoods, for the generations, in all, and the first target's time over
+this one's (above 1: faster). The chosen options' agreement with the first target is printed too (the argmax of
+the four log-likelihoods per item), a check that every target scored the same thing.
+
+Usage: python scripts/bench_eval_load.py --tokenizer MODEL_DIR --url ours=http://127.0.0.1:5002 \\
+           --url vllm=http://127.0.0.1:8000 --hf MODEL_DIR [--items 1000] [--generations 200] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+
+LOGLIKELIHOOD = {"max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
+STOP = "\n\n"
+
+
+@dataclass(frozen=True)
+class Load:
+    choices: list[tuple[str, list[str]]]  # (context, 4 options)
+    prompts: list[str]  # generate-until prompts
+
+
+def make_load(tokenizer, items: int, generations: int, seed: int) -> Load:
+    rng = random.Random(seed)
+    vocab = range(100, tokenizer.vocab_size - 100)
+
+    def text(length: int) -> str:
+        return tokenizer.decode([rng.choice(vocab) for _ in range(length)])
+
+    choices = [(text(rng.randint(100, 500)), [" " + text(rng.randint(1, 8)).strip() for _ in range(4)])
+               for _ in range(items)]
+    return Load(choices, [text(200) for _ in range(generations)])
+
+
+def option_loglikelihood(url: str, model: str | None, context: str, option: str, session) -> float:
+    """As lm-eval's local-completions: the echoed prompt's token log-probabilities after the context's tokens."""
+    body = {"prompt": context + option, **LOGLIKELIHOOD, **({"model": model} if model else {})}
+    answer = session.post(f"{url}/v1/completions", json=body, timeout=600)
+    answer.raise_for_status()
+    logprobs = answer.json()["choices"][0]["logprobs"]
+    offsets, values = logprobs["text_offset"], logprobs["token_logprobs"]
+    return sum(value for offset, value in zip(offsets, values) if offset >= len(context) and value is not None)
+
+
+def generate_until(url: str, model: str | None, prompt: str, max_tokens: int, session) -> str:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": [STOP], "seed": 1234,
+            **({"model": model} if model else {})}
+    answer = session.post(f"{url}/v1/completions", json=body, timeout=600)
+    answer.raise_for_status()
+    return answer.json()["choices"][0]["text"]
+
+
+def run_server(url: str, model: str | None, load: Load, options) -> tuple[float, float, list[int]]:
+    """Seconds for the log-likelihoods, seconds for the generations, and each item's most likely option."""
+    local = threading.local()  # one connection per client thread, kept alive as lm-eval's client does
+
+    def session():
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return local.session
+
+    pairs = [(context, option) for context, opts in load.choices for option in opts]
+    with ThreadPoolExecutor(options.concurrency) as pool:
+        started = time.perf_counter()
+        scores = list(pool.map(lambda pair: option_loglikelihood(url, model, *pair, session()), pairs))
+        scored = time.perf_counter()
+        list(pool.map(lambda prompt: generate_until(url, model, prompt, options.max_gen_tokens, session()),
+                      load.prompts))
+        generated = time.perf_counter()
+    return scored - started, generated - scored, _choices(scores)
+
+
+def run_hf(model_dir: str, load: Load, options) -> tuple[float, float, list[int]]:
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # batch_size auto probes the largest batch that fits: on a GPU; on CPU (checking the script) it only swaps
+    lm = HFLM(pretrained=model_dir, batch_size="auto" if device == "cuda" else 8, device=device,
+              dtype="bfloat16" if device == "cuda" else "float32")
+    pairs = [Instance("loglikelihood", {}, (context, option), i)
+             for i, (context, opts) in enumerate(load.choices) for option in opts]
+    until = {"until": [STOP], "max_gen_toks": options.max_gen_tokens, "do_sample": False}
+    prompts = [Instance("generate_until", {}, (prompt, until), i) for i, prompt in enumerate(load.prompts)]
+    started = time.perf_counter()
+    scores = [loglikelihood for loglikelihood, _ in lm.loglikelihood(pairs)]
+    scored = time.perf_counter()
+    lm.generate_until(prompts)
+    return scored - started, time.perf_counter() - scored, _choices(scores)
+
+
+def _choices(scores: list[float]) -> list[int]:
+    return [max(range(4), key=lambda k: scores[i + k]) for i in range(0, len(scores), 4)]
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--url", action="append", default=[], metavar="NAME=URL")
+    cli.add_argument("--hf", metavar="MODEL_DIR", help="also time lm-eval's in-process hf model on this model")
+    cli.add_argument("--tokenizer", required=True, help="tokenizer folder (draws the random texts)")
+    cli.add_argument("--model", help="model name the servers are asked for (default: left out)")
+    cli.add_argument("--items", type=int, default=1000)
+    cli.add_argument("--generations", type=int, default=200)
+    cli.add_argument("--max-gen-tokens", type=int, default=64)
+    cli.add_argument("--concurrency", type=int, default=64)
+    cli.add_argument("--seed", type=int, default=0)
+    options = cli.parse_args()
+    from transformers import AutoTokenizer
+
+    load = make_load(AutoTokenizer.from_pretrained(options.tokenizer), options.items, options.generations,
+                     options.seed)
+    results = {}
+    for spec in options.url:
+        name, _, url = spec.partition("=")
+        results[name] = run_server(url.rstrip("/"), options.model, load, options)
+        print(f"{name}: {results[name][0]:.1f} s log-likelihoods, {results[name][1]:.1f} s generations", flush=True)
+    if options.hf:
+        results["lm-eval hf"] = run_hf(options.hf, load, options)
+    print(f"\n{options.items} items x 4 options, {options.generations} generations, concurrency "
+          f"{options.concurrency}\n")
+    print("| target | log-likelihoods (s) | generations (s) | total (s) | first / this | same choices as first |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    first = next(iter(results.values()), None)
+    for name, (scoring, generating, chosen) in results.items():
+        agree = sum(a == b for a, b in zip(chosen, first[2]))
+        print(f"| {name} | {scoring:.1f} | {generating:.1f} | {scoring + generating:.1f} | "
+              f"{(first[0] + first[1]) / (scoring + generating):.2f} | {agree}/{len(chosen)} |")
+
+
+if __name__ == "__main__":
+    main()
