@@ -19,6 +19,7 @@ import time
 import psutil
 import pytest
 
+from engine_processes import group_members
 from load import Load, summary
 from test_faults import acceptable_under_kill, alive, wait_until
 
@@ -28,20 +29,9 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 LOAD_S = 400
 
 
-def group_of(pid: int) -> list[int]:
-    """The live processes of a worker's process group (the worker and its engine's processes)."""
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
 def engine_processes(worker: int) -> list[int]:
-    return [pid for pid in group_of(worker) if pid != worker]
+    """The processes of a worker's group besides the worker: its engine's."""
+    return [pid for pid in group_members(worker) if pid != worker]
 
 
 def the_worker(server) -> int:
@@ -99,7 +89,7 @@ def test_hup_under_load_ends_the_old_engine(server):
 
 @pytest.mark.timeout(180)
 def test_sigterm_under_load_leaves_no_process(server):
-    tree = group_of(server.worker) + [server.process.pid]
+    tree = group_members(server.worker) + [server.process.pid]
     with Load(server.url, clients=4, max_tokens=8, max_s=120) as load:
         wait_until(lambda: sum(o.ok for o in load.snapshot()) >= 2, 60, "the load is being answered")
         os.kill(server.process.pid, signal.SIGTERM)
@@ -113,7 +103,7 @@ def test_sigterm_under_load_leaves_no_process(server):
 def test_kill_9_of_the_master_under_load_leaves_no_engine_process(start_server):
     server = start_server(*ARGS, env=ENV)
     worker = the_worker(server)
-    tree = group_of(worker)
+    tree = group_members(worker)
     assert len(tree) >= 3
     try:
         with Load(server.url, clients=4, max_tokens=8, max_s=120) as load:
