@@ -39,6 +39,10 @@ INTER_TOKEN_LATENCY = Histogram(
 REQUEST_DURATION = Histogram(
     "llm_request_duration_seconds", "From request to the last byte of the answer", ["route"], buckets=_LATENCY_BUCKETS
 )
+WORKER_GENERATIONS = Counter(
+    "llm_worker_generation_requests_total", "Generation requests each worker answered (how the load was spread)",
+    ["worker"],
+)
 ENGINE_PATHS = Counter(
     "llm_engine_path_total", "Prompts an engine generated for or scored, by the path that served them", ["path"]
 )
@@ -65,15 +69,21 @@ def exposition() -> tuple[bytes, str]:
 
 
 def worker_states() -> list[dict]:
-    """Each live worker's pid, slice and readiness, read from the shared metric files."""
+    """Each live worker's pid, slice, readiness and generation requests answered, read from the shared metric
+    files."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    workers = []
+    workers, answered = [], {}
     for family in registry.collect():
         if family.name == "llm_worker_ready":
             for sample in family.samples:
                 workers.append({"pid": int(sample.labels["worker"]), "slice": sample.labels["slice"],
                                 "ready": sample.value == 1})
+        elif family.name == "llm_worker_generation_requests":
+            answered.update({sample.labels["worker"]: int(sample.value) for sample in family.samples
+                             if sample.name.endswith("_total")})
+    for worker in workers:
+        worker["generation_requests"] = answered.get(str(worker["pid"]), 0)
     return sorted(workers, key=lambda worker: worker["pid"])
 
 
@@ -156,6 +166,7 @@ class RequestStats:
         self.generated_tokens = 0
         self.first_token_s: float | None = None
         self._state = "new"  # new -> waiting -> running -> closed
+        self._admitted = False
         self._lock = threading.Lock()
 
     def admit(self, limit: int) -> bool:
@@ -165,7 +176,7 @@ class RequestStats:
             if _waiting_here >= limit:
                 return False
             _waiting_here += 1
-        self._state = "waiting"
+        self._state, self._admitted = "waiting", True
         WAITING.labels(str(os.getpid())).inc()
         return True
 
@@ -214,6 +225,8 @@ class RequestStats:
         self._leave("closed")
         total_s = time.monotonic() - self.started
         REQUESTS.labels(self.route, str(status)).inc()
+        if self._admitted:
+            WORKER_GENERATIONS.labels(str(os.getpid())).inc()
         REQUEST_DURATION.labels(self.route).observe(total_s)
         access_log.info(json.dumps({
             "request_id": self.request_id, "route": self.route, "status": status, "worker": os.getpid(),

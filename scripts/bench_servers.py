@@ -197,9 +197,22 @@ def main() -> None:
                 bench += ["--url", bench_url]
             print("$", " ".join(bench), flush=True)
             subprocess.run(bench, check=False)
+        for bench_url, _ in servers:
+            print_requests_per_worker(bench_url)
     finally:
         stop_servers([process for _, process in servers])
         shutil.rmtree(work, ignore_errors=True)
+
+
+def print_requests_per_worker(bench_url: str) -> None:
+    """This server's generation requests per worker (its /workers), to show how its workers shared the load."""
+    name, _, rest = bench_url.partition("=")
+    if not name.startswith("ours"):
+        return
+    with urlopen(f"{rest.partition('@')[0]}/workers", timeout=10) as response:
+        workers = json.loads(response.read())["ready"]
+    print(f"{name}: generation requests per worker:",
+          ", ".join(f"pid {w['pid']} (GPUs {w['slice']}): {w['generation_requests']}" for w in workers), flush=True)
 
 
 def stop_servers(processes: list[subprocess.Popen], wait_s: float = 60) -> None:

@@ -6,18 +6,23 @@
                           vLLM engine and its transformers engine: greedy texts compared, the vLLM engine's prompt
                           log-probabilities against a direct transformers forward pass, and a seeded sampled
                           request repeated alone and among others.
+  parallel MODEL_DIR      tensor parallel against one GPU per worker on the same weights, in float32: the greedy
+                          texts and prompt log-probabilities of a `--per_proc_gpus 2` server against a
+                          `--per_proc_gpus 1` one's (both servers up at once, so the GPUs must hold both).
   orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own; --per-proc-gpus 2:
                           tensor parallel) under load: kill -9 of the worker, HUP, SIGTERM, and kill -9 of the
                           master; nvidia-smi's compute processes before and after each.
 
-Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|orphans DIR [--gpu-memory-utilization 0.4]
+Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans DIR [--gpu-memory-utilization 0.4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,13 +75,15 @@ class Server:
                                         start_new_session=True)
 
     def ready(self, timeout_s: float = 600) -> dict:
+        """A ready worker's /ready, once every worker has loaded."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"server exited with {self.process.returncode}")
             try:
                 answer = requests.get(f"{self.url}/ready", timeout=5)
-                if answer.status_code == 200:
+                workers = requests.get(f"{self.url}/workers", timeout=5).json()
+                if answer.status_code == 200 and workers["loaded"] >= workers["workers"]:
                     return answer.json()
             except requests.RequestException:
                 pass
@@ -93,26 +100,38 @@ class Server:
             stop_servers([self.process], wait_s=120)
 
 
+class Servers(contextlib.AbstractContextManager):
+    """Servers started one after another, each once the one before is ready: a vLLM engine sizing its cache
+    fails when another process frees GPU memory meanwhile. All are stopped on exit."""
+
+    def __init__(self):
+        self.started: list[Server] = []
+
+    def start(self, model: Path, *args: str, log: Path) -> Server:
+        for server in self.started:
+            server.ready()
+        self.started.append(Server(model, *args, log=log))
+        return self.started[-1]
+
+    def __exit__(self, *exc) -> None:
+        for server in self.started:
+            server.stop()
+
+
 def correctness(source: Path, options) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = Path(tempfile.mkdtemp()) / "random-smollm2-135m"
     build_model(source, "135m", model)
-    common = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--enforce-eager"]
-    vllm = Server(model, "--infer_type", "vllm", *common, log=options.out / "correctness-vllm.log")
-    hf = Server(model, "--infer_type", "transformers", *common, log=options.out / "correctness-transformers.log")
-    try:
+    common = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization",
+              str(options.gpu_memory_utilization), "--enforce-eager"]
+    with Servers() as servers:
+        vllm = servers.start(model, "--infer_type", "vllm", *common, log=options.out / "correctness-vllm.log")
+        hf = servers.start(model, "--infer_type", "transformers", *common,
+                           log=options.out / "correctness-transformers.log")
         print("vLLM engine:", vllm.ready(), "\ntransformers engine:", hf.ready(), flush=True)
-        greedy = {"temperature": 0, "max_tokens": 32, "ignore_eos": True, "skip_special_tokens": False}
-        ours, theirs = vllm.post("/infer", {"instances": PROMPTS, "params": greedy}), hf.post(
-            "/infer", {"instances": PROMPTS, "params": greedy})
-        equal = sum(a == b for a, b in zip(ours, theirs))
-        print(f"greedy, 32 tokens, float32: {equal}/{len(PROMPTS)} texts equal between the engines")
-        for prompt, a, b in zip(PROMPTS, ours, theirs):
-            if a != b:
-                common_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                print(f"  differ after {common_prefix} characters: {prompt!r}: {a!r} vs {b!r}")
+        compare_greedy(vllm, hf, "the engines")
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,13 +155,41 @@ def correctness(source: Path, options) -> None:
             [other.result() for other in others]
         print(f"seed 1234, temperature 1: the same text twice alone: {alone[0] == alone[1]}; "
               f"the same among 8 other requests: {among == alone[0]}")
-    finally:
-        vllm.stop()
-        hf.stop()
+
+
+GREEDY = {"temperature": 0, "max_tokens": 32, "ignore_eos": True, "skip_special_tokens": False}
+
+
+def compare_greedy(one: Server, other: Server, between: str) -> None:
+    ours, theirs = (server.post("/infer", {"instances": PROMPTS, "params": GREEDY}) for server in (one, other))
+    equal = sum(a == b for a, b in zip(ours, theirs))
+    print(f"greedy, 32 tokens, float32: {equal}/{len(PROMPTS)} texts equal between {between}", flush=True)
+    for prompt, a, b in zip(PROMPTS, ours, theirs):
+        if a != b:
+            common_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"  differ after {common_prefix} characters: {prompt!r}: {a!r} vs {b!r}")
+
+
+def parallel(model: Path, options) -> None:
+    common = ["--infer_type", "vllm", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+              "--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+    with Servers() as servers:
+        split = servers.start(model, *common, "--per_proc_gpus", "2", log=options.out / "parallel-tp.log")
+        whole = servers.start(model, *common, "--per_proc_gpus", "1", log=options.out / "parallel-one-gpu.log")
+        print("tensor parallel:", split.ready(), "\none GPU per worker:", whole.ready(), flush=True)
+        show("both loaded")
+        compare_greedy(split, whole, "tensor parallel over 2 GPUs and one GPU")
+        scoring = {"instances": PROMPTS, "params": {"prompt_logprobs": 0, "max_tokens": 1}}
+        rows = zip(split.post("/infer", scoring), whole.post("/infer", scoring))
+        worst = max(abs(a - b) for tp_row, one_row in rows for a, b in zip(tp_row, one_row, strict=True))
+        print(f"prompt log-probabilities, tensor parallel vs one GPU: max |difference| {worst:.2e} nats over "
+              f"{len(PROMPTS)} prompts", flush=True)
 
 
 def gpu_processes() -> list[tuple[int, int]]:
-    """(pid, MiB) of every compute process nvidia-smi sees."""
+    """(pid, MiB) of every compute process nvidia-smi sees (none without nvidia-smi: a dry run on CPU)."""
+    if not shutil.which("nvidia-smi"):
+        return []
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout
     return [(int(pid), int(mib)) for pid, mib in (line.split(", ") for line in out.strip().splitlines() if line)]
@@ -150,8 +197,11 @@ def gpu_processes() -> list[tuple[int, int]]:
 
 def show(what: str) -> list[tuple[int, int]]:
     processes = gpu_processes()
-    used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"], capture_output=True,
-                          text=True).stdout.strip()
+    if not shutil.which("nvidia-smi"):
+        print(f"{what}: no nvidia-smi here", flush=True)
+        return processes
+    used = " / ".join(subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"],
+                                     capture_output=True, text=True).stdout.splitlines())
     print(f"{what}: nvidia-smi compute processes {processes or 'none'}; GPU memory used {used}", flush=True)
     return processes
 
@@ -240,8 +290,9 @@ def orphans(model: Path, options) -> None:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("check", choices=("ceiling", "correctness", "orphans"))
-    cli.add_argument("dir", type=Path, help="the model (ceiling, orphans) or the config and tokenizer (correctness)")
+    cli.add_argument("check", choices=("ceiling", "correctness", "parallel", "orphans"))
+    cli.add_argument("dir", type=Path,
+                     help="the model (ceiling, parallel, orphans) or the config and tokenizer (correctness)")
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     cli.add_argument("--max-model-len", type=int, default=1024)
     cli.add_argument("--per-proc-gpus", type=int, default=1, help="orphans: GPUs per worker (tensor parallel)")
@@ -251,7 +302,8 @@ def main() -> None:
     cli.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     options = cli.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
-    {"ceiling": ceiling, "correctness": correctness, "orphans": orphans}[options.check](options.dir, options)
+    checks = {"ceiling": ceiling, "correctness": correctness, "parallel": parallel, "orphans": orphans}
+    checks[options.check](options.dir, options)
 
 
 if __name__ == "__main__":

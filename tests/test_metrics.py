@@ -80,6 +80,15 @@ def test_workers_route_gives_the_server_wide_view(server):
     assert {(w["pid"], w["slice"]) for w in view["ready"]} == set(server.slices.items())
 
 
+def test_workers_route_counts_each_workers_generation_requests(server):
+    before = {w["pid"]: w["generation_requests"] for w in requests.get(f"{server.url}/workers").json()["ready"]}
+    answered = [server.infer(["Hi"], max_tokens=2, ignore_eos=True) for _ in range(6)]
+    requests.get(f"{server.url}/health")  # not a generation: not counted
+    after = {w["pid"]: w["generation_requests"] for w in requests.get(f"{server.url}/workers").json()["ready"]}
+    assert after.keys() == before.keys() and len(answered) == 6
+    assert sum(after.values()) - sum(before.values()) == 6
+
+
 def test_access_line_per_request_with_the_clients_request_id(server):
     response = requests.post(f"{server.url}/infer", headers={"X-Request-Id": "eval-run-42"},
                              json={"instances": ["Hi"], "params": {"max_tokens": 3, "ignore_eos": True}})
