@@ -82,7 +82,8 @@ def label(spec: str) -> str:
 
 def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_options: list[str]
                    ) -> tuple[list[str], dict, str, int]:
-    """The command, its environment, bench.py's protocol for it, and how many workers must be ready."""
+    """The command, its environment, bench.py's protocol for it, and how many workers must be ready (0: not this
+    server)."""
     server, _, gpus = spec.partition("@")
     gpus = gpus or default_gpus
     name, _, arg = server.partition(":")
@@ -94,16 +95,16 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
         # On CPU it would size its cache from the host's memory: a small fixed one instead.
         cache = ["--cb-num-blocks", "64"] if gpus == "cpu" else ["--cb-max-memory-percent", HF_KV_SHARE]
         return ([shutil.which("transformers") or "transformers", "serve", str(model), "--continuous-batching",
-                 "--host", "127.0.0.1", "--port", str(port), *cache], env, "hf-completions", 1)
+                 "--host", "127.0.0.1", "--port", str(port), *cache], env, "hf-completions", 0)
     if name == "vllm":
         count = len(gpus.split(","))
         parallel = ["--data-parallel-size" if arg == "dp" else "--tensor-parallel-size", str(count)]
         engine = [option for i, option in enumerate(ours_options)
                   if option in SHARED_WITH_VLLM or (i and ours_options[i - 1] in SHARED_WITH_VLLM)]
         return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                 "--host", "127.0.0.1", "--port", str(port), *parallel, *engine], env, "completions", 1)
+                 "--host", "127.0.0.1", "--port", str(port), *parallel, *engine], env, "completions", 0)
     if name == "naive":
-        return [sys.executable, str(ROOT / "scripts" / "naive_server.py"), str(model), str(port)], env, "completions", 1
+        return [sys.executable, str(ROOT / "scripts" / "naive_server.py"), str(model), str(port)], env, "completions", 0
     if name in VARIANTS:
         per_gpu = int(arg or 1)
         # The dispatcher takes these GPUs (found through NVML) and pins each worker; its own state file per run.
@@ -121,6 +122,9 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
 
 
 def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: float) -> None:
+    """Until every worker has loaded (`workers`: this server's count; 0: another server, ready once its /health
+    answers). The next server starts only then: a vLLM engine sizing its cache fails when another process frees
+    GPU memory meanwhile (this server's /health answers while its model loads, its /workers says when all have)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -128,7 +132,7 @@ def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: flo
         try:
             with urlopen(f"{url}/health", timeout=5):
                 pass
-            if workers <= 1:
+            if not workers:
                 return
             with urlopen(f"{url}/workers", timeout=5) as response:
                 if json.loads(response.read())["loaded"] >= workers:
@@ -163,6 +167,7 @@ def main() -> None:
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     model = options.keep_model or work / f"random-smollm2-{options.shape}"
@@ -192,7 +197,7 @@ def main() -> None:
                      "--client-processes", str(options.client_processes),
                      "--stream" if mode == "stream" else "--no-stream",
                      "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
-                     "--json", str(out.with_suffix(".json")), "--plot", str(out.with_suffix(".png"))]
+                     "--json", f"{out}.json", "--plot", f"{out}.png"]
             for bench_url, _ in servers:
                 bench += ["--url", bench_url]
             print("$", " ".join(bench), flush=True)
@@ -213,6 +218,12 @@ def print_requests_per_worker(bench_url: str) -> None:
         workers = json.loads(response.read())["ready"]
     print(f"{name}: generation requests per worker:",
           ", ".join(f"pid {w['pid']} (GPUs {w['slice']}): {w['generation_requests']}" for w in workers), flush=True)
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (`timeout`'s, say) ends the script through its `finally` blocks, which stop the servers it
+    started: they run in sessions of their own, so nothing else would, and a leftover holds the GPUs' memory."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def stop_servers(processes: list[subprocess.Popen], wait_s: float = 60) -> None:

@@ -12,8 +12,9 @@
   orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own; --per-proc-gpus 2:
                           tensor parallel) under load: kill -9 of the worker, HUP, SIGTERM, and kill -9 of the
                           master; nvidia-smi's compute processes before and after each.
+  orphans-master MODEL_DIR  only the last of those: kill -9 of the master under load.
 
-Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans DIR [--gpu-memory-utilization 0.4]
+Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans|orphans-master DIR [--gpu-memory-utilization 0.4]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_servers import build_model, free_port, stop_servers  # noqa: E402
+from bench_servers import build_model, free_port, stop_on_sigterm, stop_servers  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]
@@ -241,11 +242,14 @@ def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
     return time.monotonic() - started
 
 
-def orphans(model: Path, options) -> None:
-    args = ["--infer_type", "vllm", "--max-model-len", "1024", "--gpu-memory-utilization",
+def orphan_server_args(options) -> list[str]:
+    return ["--infer_type", "vllm", "--max-model-len", "1024", "--gpu-memory-utilization",
             str(options.gpu_memory_utilization), "--enforce-eager", "--timeout", "30",
             "--per_proc_gpus", str(options.per_proc_gpus)]
-    server = Server(model, *args, log=options.out / "orphans.log")
+
+
+def orphans(model: Path, options) -> None:
+    server = Server(model, *orphan_server_args(options), log=options.out / "orphans.log")
     try:
         worker = server.ready()["pid"]
         before = {pid for pid, _ in show("loaded")}
@@ -274,7 +278,11 @@ def orphans(model: Path, options) -> None:
         show("after SIGTERM")
     finally:
         server.stop()
-    server = Server(model, *args, log=options.out / "orphans-master.log")
+    orphans_master(model, options)
+
+
+def orphans_master(model: Path, options) -> None:
+    server = Server(model, *orphan_server_args(options), log=options.out / "orphans-master.log")
     try:
         server.ready()
         before = {pid for pid, _ in show("second server loaded")}
@@ -285,12 +293,12 @@ def orphans(model: Path, options) -> None:
               f"{wait_gone(before):.1f} s; requests: {load.end()}")
         show("after kill -9 of the master")
     finally:
-        server.process.wait(timeout=30)
+        server.stop()  # only if the check failed before the kill
 
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("check", choices=("ceiling", "correctness", "parallel", "orphans"))
+    cli.add_argument("check", choices=("ceiling", "correctness", "parallel", "orphans", "orphans-master"))
     cli.add_argument("dir", type=Path,
                      help="the model (ceiling, parallel, orphans) or the config and tokenizer (correctness)")
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.4)
@@ -302,7 +310,9 @@ def main() -> None:
     cli.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     options = cli.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
-    checks = {"ceiling": ceiling, "correctness": correctness, "parallel": parallel, "orphans": orphans}
+    stop_on_sigterm()
+    checks = {"ceiling": ceiling, "correctness": correctness, "parallel": parallel, "orphans": orphans,
+              "orphans-master": orphans_master}
     checks[options.check](options.dir, options)
 
 
