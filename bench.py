@@ -252,7 +252,7 @@ def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from model_store import embedded_model_dir
+        from gunicorn_llm.engines.model_store import embedded_model_dir
 
         path = str(embedded_model_dir())
     return AutoTokenizer.from_pretrained(path)

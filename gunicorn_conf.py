@@ -1,6 +1,6 @@
 """gunicorn configuration: one worker per GPU slice (times --workers-per-gpu), each pinned before its model loads.
 
-Flat settings first, then gunicorn's hooks with gunicorn's signatures. All values come from server_settings.py
+Flat settings first, then gunicorn's hooks with gunicorn's signatures. All values come from gunicorn_llm/settings.py
 (the launcher sets them through environment variables). The master discovers GPUs through NVML only: it never
 initialises CUDA, so forked workers start clean.
 """
@@ -10,10 +10,10 @@ import shutil
 import sys
 import tempfile
 
-import systemd_notify
-from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
-from engine_processes import end_own_group, end_worker_group, lead_own_group
-from server_settings import load_settings
+from gunicorn_llm.ops import systemd_notify
+from gunicorn_llm.ops.dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
+from gunicorn_llm.ops.engine_processes import end_own_group, end_worker_group, lead_own_group
+from gunicorn_llm.settings import load_settings
 
 WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
 
@@ -41,11 +41,12 @@ dispatcher = GPUDispatcher(
 wsgi_app = {"transformers": "transformers_url_m:app", "vllm": "vllm_url_m:app"}[settings.infer_type]
 bind = f"{settings.host}:{settings.port}"
 workers = dispatcher.worker_count
-# systemd readiness (systemd_notify.py): workers learn how many must load before READY=1 is sent.
+# systemd readiness (gunicorn_llm/ops/systemd_notify.py): workers learn how many must load before READY=1 is sent.
 systemd_notify.prepare(workers)
 # gthread: requests run on a thread pool while the main thread keeps heart-beating, so a long generation is never
 # mistaken for a hung worker; the engine batches what the threads submit.
-worker_class = "draining_worker.DrainingThreadWorker"  # gthread, closing its listeners when it starts to drain
+# gthread, closing its listeners when it starts to drain
+worker_class = "gunicorn_llm.ops.draining_worker.DrainingThreadWorker"
 threads = settings.threads
 timeout = settings.worker_timeout
 graceful_timeout = settings.worker_timeout
@@ -56,7 +57,8 @@ max_requests_jitter = settings.max_requests // 10
 proc_name = "gunicorn-llm"
 # gunicorn's control socket sits at one per-user path: two servers on one host would fight over it.
 control_socket_disable = True
-accesslog = None  # serving.py writes one structured line per request instead (tokens, time to first token)
+# gunicorn_llm/http/app.py writes one structured line per request instead (tokens, time to first token)
+accesslog = None
 errorlog = "-"
 loglevel = settings.log_level
 
@@ -84,7 +86,9 @@ def post_fork(server, worker):
 
 
 def worker_exit(server, worker):
-    from serving import loaded_engine  # in the worker, where the app is loaded
+    from gunicorn_llm.http.app import (
+        loaded_engine,  # in the worker, where the app is loaded
+    )
 
     engine = loaded_engine(worker.wsgi) if getattr(worker, "wsgi", None) is not None else None
     if engine is not None:

@@ -125,12 +125,12 @@ fi
 
 # Pre-flight from the caller's directory, so a relative --model_name folder resolves where the user meant it.
 # It prints the model's folder; every problem is one line on stderr and exit status 2.
-MODEL_PATH="$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m server_settings)" || exit $?
+MODEL_PATH="$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m gunicorn_llm.preflight)" || exit $?
 export MODEL_PATH
 
 # systemd (deploy/gunicorn-llm.service, Type=notify): gunicorn's master would send READY=1 as soon as it listens,
 # before any worker has loaded its model. Hide the socket from gunicorn; the workers send READY=1 themselves once all
-# of them have loaded (systemd_notify.py).
+# of them have loaded (gunicorn_llm/ops/systemd_notify.py).
 if [ -n "${NOTIFY_SOCKET:-}" ]; then
 	export LLM_NOTIFY_SOCKET="$NOTIFY_SOCKET"
 	unset NOTIFY_SOCKET

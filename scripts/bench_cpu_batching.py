@@ -13,7 +13,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from model_store import embedded_model_dir
+from gunicorn_llm.engines.model_store import embedded_model_dir
 
 REQUESTS, NEW_TOKENS = 16, 32
 

@@ -26,7 +26,7 @@ from urllib.request import urlopen
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
+from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- vllm-servers:begin -->", "<!-- vllm-servers:end -->"

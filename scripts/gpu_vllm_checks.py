@@ -14,14 +14,14 @@
                           master; nvidia-smi's compute processes before and after each.
   orphans-master MODEL_DIR  only the last of those: kill -9 of the master under load.
 
-Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans|orphans-master DIR [--gpu-memory-utilization 0.4]
+Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans|orphans-master DIR \
+           [--gpu-memory-utilization 0.4]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal

@@ -1,4 +1,5 @@
-"""The slot engine (transformers_slots.py) in-process, without HTTP: its ceiling, and whether its steps are right.
+"""The slot engine (gunicorn_llm/engines/transformers_slots.py) in-process, without HTTP: its ceiling, and whether
+its steps are right.
 
 On a random-weight Llama of the given shape: the time to capture its decode graphs; output tok/s for N requests
 of P prompt tokens and O new tokens (greedy, EOS ignored) submitted at once, with graphs and with eager steps; and
@@ -22,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from probe_cb_configs import random_model  # noqa: E402
-from request_schema import SamplingParams  # noqa: E402
-from transformers_slots import SlotBatching  # noqa: E402
+from gunicorn_llm.request_schema import SamplingParams  # noqa: E402
+from gunicorn_llm.engines.transformers_slots import SlotBatching  # noqa: E402
 
 
 def cache_bytes() -> int:

@@ -21,7 +21,7 @@ LAUNCHER = ROOT / "start_gunicorn.sh"
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    from model_store import embedded_model_dir as resolve
+    from gunicorn_llm.engines.model_store import embedded_model_dir as resolve
 
     return resolve()
 

@@ -1,4 +1,5 @@
-"""Tests for dispatcher.py: slicing, and the host-wide file-locked allocation with real competing processes.
+"""Tests for gunicorn_llm/ops/dispatcher.py: slicing, and the host-wide file-locked allocation with real
+competing processes.
 
 Worker processes are real Python children (see WORKER_SCRIPT) that share one state file under tmp_path; nothing
 about the lock or the processes is mocked. GPU lists come from GPU_IDS-style configured ids, so no GPU is needed.
@@ -20,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dispatcher import (
+from gunicorn_llm.ops.dispatcher import (
     Device,
     DispatchError,
     GPUDispatcher,
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 #   release          -> {"released": true}
 WORKER_SCRIPT = r"""
 import json, os, sys
-from dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices
+from gunicorn_llm.ops.dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices
 state_file, gpu_ids, per_slice, holders, server_pid = sys.argv[1:]
 dispatcher = GPUDispatcher(cut_slices(discover_devices(gpu_ids, None, 0), int(per_slice)), int(holders), state_file)
 print(json.dumps({"ready": os.getpid()}), flush=True)
@@ -337,7 +338,7 @@ def test_record_of_reused_pid_counts_as_dead(spawn_server, state_file):
 
 
 def test_slice_of_a_dead_holder_stays_held_while_a_process_of_its_group_lives(state_file):
-    # A worker leads its own process group and its engine's processes join it (engine_processes.py): until the
+    # A worker leads its own process group and its engine's processes join it (gunicorn_llm/ops/engine_processes.py): until the
     # last of them ends, the slice's GPU memory is not free.
     holder = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; os.setpgid(0, 0); "
                                "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "

@@ -1,6 +1,6 @@
 """The OpenAPI document, and schemathesis against a live server with it.
 
-`/openapi.json` (openapi_spec.py) must be a valid OpenAPI 3.1 document whose schemas all live in
+`/openapi.json` (gunicorn_llm/http/openapi_spec.py) must be a valid OpenAPI 3.1 document whose schemas all live in
 components/schemas and keep the models' numeric bounds. Then one real server (transformers engine, 1 CPU worker)
 is fuzzed through it: schemathesis generates valid and invalid requests for every operation (a bounded, derandomized
 number per operation, so CI is reproducible) and checks that no answer is a 5xx (nor a stream that ends in a server
@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from openapi_spec import openapi_document, openapi_json
+from gunicorn_llm.http.openapi_spec import openapi_document, openapi_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "artifacts" / "fuzz-summary.txt"
@@ -127,7 +127,7 @@ def test_openapi_document_is_valid_and_complete():
 
 
 def test_openapi_document_accepts_the_documented_requests():
-    """The README's request bodies are valid against the document; out-of-range ones are not."""
+    """The request bodies README.md and docs/api.md show are valid against the document; out-of-range ones are not."""
     schemas = openapi_document()["components"]["schemas"]
     registry = {"components": {"schemas": schemas}}
 

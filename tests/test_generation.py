@@ -1,4 +1,5 @@
-"""generation.py: engine tokens to text for every route, with a scripted engine and the embedded model's tokenizer.
+"""gunicorn_llm/engines/generation.py: engine tokens to text for every route, with a scripted engine and the
+embedded model's tokenizer.
 
 The engines themselves are exercised end to end elsewhere; here the token streams are chosen to pin the text
 rules: stop strings split across tokens, the stop token left out, held-back text, and cancellation.
@@ -9,9 +10,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from engine import ChoiceUpdate, Engine, GenerationStream
-from generation import TextGeneration, _ChoiceText
-from request_schema import SamplingParams
+from gunicorn_llm.engines.base import ChoiceUpdate, Engine, GenerationStream
+from gunicorn_llm.engines.generation import TextGeneration, _ChoiceText
+from gunicorn_llm.request_schema import SamplingParams
 
 
 class ScriptedEngine(Engine):

@@ -1,4 +1,4 @@
-"""Tests for start_gunicorn.sh and its pre-flight (`python -m server_settings`), run for real as subprocesses.
+"""Tests for start_gunicorn.sh and its pre-flight (`python -m gunicorn_llm.preflight`), run for real as subprocesses.
 
 Every call runs from a temporary directory (the launcher must work from anywhere) with its own dispatcher state file
 and a free port. The error paths must end with exit status 2, one line on stderr naming the problem, and nothing
@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server_settings import ServerSettings
+from gunicorn_llm.settings import ServerSettings
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -455,7 +455,7 @@ def test_relative_model_folder_resolves_from_the_callers_directory(tmp_path, fak
 
 def run_preflight(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server_settings"],
+        [sys.executable, "-m", "gunicorn_llm.preflight"],
         cwd=tmp_path,
         env=base_env(tmp_path, PYTHONPATH=str(REPO), **env),
         capture_output=True,

@@ -1,11 +1,11 @@
-"""Tests for request_schema.py: the `/infer` body contract, through `parse_infer_request` only."""
+"""Tests for gunicorn_llm/request_schema.py: the `/infer` body contract, through `parse_infer_request` only."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from request_schema import RequestError, SamplingParams, parse_infer_request
+from gunicorn_llm.request_schema import RequestError, SamplingParams, parse_infer_request
 
 # vLLM's SamplingParams defaults (vllm.SamplingParams signature, e.g. v0.8.3) for every field this server knows.
 VLLM_DEFAULTS = {

@@ -16,6 +16,7 @@ import requests
 import torch
 
 from conftest import direct_prompt_logprobs, plain_generate
+from test_docs import readme_infer_example
 
 LOGPROB_TOLERANCE = 1e-4
 PROMPTS = [
@@ -40,6 +41,13 @@ def test_two_cpu_workers_hold_distinct_slices(server):
 def test_greedy_answers_equal_plain_generate(server, reference_model):
     expected = [plain_generate(reference_model, prompt, max_new_tokens=24) for prompt in PROMPTS]
     assert server.infer(PROMPTS, temperature=0, max_tokens=24) == expected
+
+
+def test_readme_quick_start_answers_what_the_readme_shows(server):
+    raw, _, shown = readme_infer_example()  # the curl's -d body, sent as curl sends it
+    response = requests.post(f"{server.url}/infer", data=raw.encode(), timeout=300,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.json() == shown, response.text
 
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):

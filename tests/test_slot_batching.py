@@ -26,9 +26,9 @@ import torch
 from transformers import AutoConfig
 
 from conftest import plain_generate
-from engine import EngineDied, TokenLogprob
-from request_schema import RequestError, SamplingParams
-from transformers_slots import SlotBatching, SlotCache, supports
+from gunicorn_llm.engines.base import EngineDied, TokenLogprob
+from gunicorn_llm.request_schema import RequestError, SamplingParams
+from gunicorn_llm.engines.transformers_slots import SlotBatching, SlotCache, supports
 
 MAX_LEN = 256  # length buckets 128 and 256
 SLOTS = 3
@@ -384,8 +384,8 @@ FLOAT32_BATCHING = {"abs": 1e-5, "rel": 1e-5}
 def generate_engine(embedded_model_dir):
     """The transformers engine on its batched-generate path (the CPU default): the reference for what the slot
     engine must answer alike."""
-    from server_settings import ServerSettings
-    from transformers_url_m import TransformersEngine
+    from gunicorn_llm.settings import ServerSettings
+    from gunicorn_llm.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(str(embedded_model_dir), "embedded",
                               ServerSettings(BATCHING="generate", MAX_MODEL_LEN=MAX_LEN))
@@ -413,7 +413,7 @@ def test_greedy_with_a_seed_stays_in_the_batch_and_equals_greedy(slots, generate
     (seeded_tokens, _, _), (plain_tokens, _, _) = started_together(slots, [(ids, seeded), (ids, plain)])
     assert seeded_tokens == plain_tokens == {0: greedy_ids(reference_model, ids, 8)}
     # Through the engine: the seed is dropped on arrival, so the request goes where unseeded greedy ones go.
-    import metrics
+    from gunicorn_llm.ops import metrics
 
     paths: list[str] = []
     monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
@@ -480,7 +480,7 @@ def test_penalty_rows_equal_the_batched_generate_paths(slots, generate_engine, r
 def test_sampling_transforms_equal_transformers_warpers():
     from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from transformers_sampling import RowSampler
+    from gunicorn_llm.engines.transformers_sampling import RowSampler
 
     rows = [SimpleNamespace(params=params, generator=None) for params in (
         SamplingParams(temperature=0.7, min_p=0.1),
@@ -547,7 +547,7 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
 
 def test_prompt_logprobs_within_a_small_token_budget_equal_unbatched(generate_engine, reference_model, tokenizer):
     from conftest import direct_prompt_logprobs
-    from transformers_scoring import ScoreJob, score_jobs
+    from gunicorn_llm.engines.transformers_scoring import ScoreJob, score_jobs
 
     texts = ["The capital of France is Paris.", TEXT[:300], "1, 2, 3", "Hi", TEXT[:120]]
     jobs = [ScoreJob([tokenizer(text)["input_ids"] for text in texts[:3]], 1),

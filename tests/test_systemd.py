@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_settings import ServerSettings
+from gunicorn_llm.settings import ServerSettings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -171,7 +171,7 @@ def test_env_file_documents_every_setting_with_its_default():
 
 
 def test_notify_does_nothing_without_a_socket(monkeypatch):
-    import systemd_notify
+    from gunicorn_llm.ops import systemd_notify
 
     monkeypatch.delenv(systemd_notify.SOCKET_ENV, raising=False)
     assert systemd_notify.notify("READY=1") is False
@@ -179,7 +179,7 @@ def test_notify_does_nothing_without_a_socket(monkeypatch):
 
 
 def test_notify_reaches_an_abstract_socket(monkeypatch):
-    import systemd_notify
+    from gunicorn_llm.ops import systemd_notify
 
     name = f"gunicorn-llm-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:

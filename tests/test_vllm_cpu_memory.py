@@ -1,4 +1,5 @@
-"""vLLM on CPU on a machine that is in use: the KV cache is sized from the memory free now (cpu_memory.py).
+"""vLLM on CPU on a machine that is in use: the KV cache is sized from the memory free now
+(gunicorn_llm/engines/cpu_memory.py).
 
 vLLM's CPU build alone refuses to start when --gpu-memory-utilization (0.9) of the machine's *total* memory is not
 free. Here: the sizing rule on given figures; the launcher refusing, with what to lower, when the model cannot fit;
@@ -13,8 +14,8 @@ import sys
 import psutil
 import pytest
 
-from cpu_memory import GIB, KV_CACHE_CAP_BYTES, CpuMemoryError, cpu_kv_cache_bytes
-from server_settings import ServerSettings
+from gunicorn_llm.engines.cpu_memory import GIB, KV_CACHE_CAP_BYTES, CpuMemoryError, cpu_kv_cache_bytes
+from gunicorn_llm.settings import ServerSettings
 from test_launcher import assert_refused, launch
 
 

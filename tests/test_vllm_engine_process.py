@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from engine_processes import group_members
+from gunicorn_llm.ops.engine_processes import group_members
 from load import Load, summary
 from test_faults import acceptable_under_kill, alive, wait_until
 

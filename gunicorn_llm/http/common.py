@@ -1,7 +1,7 @@
 """What every route shares: the worker's engine, the JSON body, prompt encoding, and the one error shape.
 
 Routes live in native_api.py (/infer, /generate), openai_api.py (/v1) and tokenizer_api.py (/tokenize, ...); the app
-that holds them in serving.py.
+that holds them in app.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Callable, TypeVar
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from engine import DeadlineExceeded, Engine
-from generation import TextGeneration
-from metrics import RequestStats
-from request_schema import RequestError, SamplingParams, as_request_error
+from gunicorn_llm.engines.base import DeadlineExceeded, Engine
+from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.ops.metrics import RequestStats
+from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error
 
 ENGINE_KEY = "llm_engine_slot"
 
@@ -32,7 +32,7 @@ class EngineLoading(Exception):
 
 
 def request_stats() -> RequestStats:
-    """The metrics and access-log record of the request being served (opened by serving.py)."""
+    """The metrics and access-log record of the request being served (opened by app.py)."""
     return g.request_stats
 
 

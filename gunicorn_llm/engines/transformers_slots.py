@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import ChoiceUpdate, GenerationStream, TokenLogprob
-from request_schema import RequestError, SamplingParams
-from transformers_sampling import RowSampler, generator_for
+from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.transformers_sampling import RowSampler, generator_for
+from gunicorn_llm.request_schema import RequestError, SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 

@@ -14,14 +14,20 @@ import logging
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from engine import ClientGone
-from generation import TextGeneration
-from guards import admit
-from http_common import (
-    check_prompt_count, current_engine, deadline, encode_prompt, error_body, read_json_body, start_generation,
+from gunicorn_llm.engines.base import ClientGone
+from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.http.common import (
+    check_prompt_count,
+    current_engine,
+    deadline,
+    encode_prompt,
+    error_body,
+    read_json_body,
+    start_generation,
     warn_ignored_keys,
 )
-from request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
+from gunicorn_llm.http.guards import admit
+from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming or whole.
 
 Requests are validated with pydantic into the same `SamplingParams` every route uses, and generated through the
-same `TextGeneration` (generation.py), so answers, stop strings and cancellation behave as on `/infer`. With
+same `TextGeneration` (engines/generation.py), so answers, stop strings and cancellation behave as on `/infer`. With
 `stream: true` the answer is server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk. A client that disconnects mid-stream cancels its generation.
 Keys the server does not know are ignored with a warning, as vLLM's server does.
@@ -18,14 +18,22 @@ from typing import Any, Iterator, Literal
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine import ClientGone, Engine, TokenLogprob
-from generation import TextGeneration
-from guards import admit
-from http_common import (
-    check_model_name, check_prompt_count, current_engine, deadline, encode_prompt, encode_text, error_body,
-    parse_body, read_json_body, start_generation,
+from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
+from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.http.common import (
+    check_model_name,
+    check_prompt_count,
+    current_engine,
+    deadline,
+    encode_prompt,
+    encode_text,
+    error_body,
+    parse_body,
+    read_json_body,
+    start_generation,
 )
-from request_schema import RequestError, SamplingParams, as_request_error
+from gunicorn_llm.http.guards import admit
+from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error
 
 log = logging.getLogger("gunicorn.error")
 

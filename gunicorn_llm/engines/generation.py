@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from engine import ChoiceUpdate, Engine, TokenLogprob
-from metrics import RequestStats
-from request_schema import SamplingParams
+from gunicorn_llm.engines.base import ChoiceUpdate, Engine, TokenLogprob
+from gunicorn_llm.ops.metrics import RequestStats
+from gunicorn_llm.request_schema import SamplingParams
 
 
 @dataclass

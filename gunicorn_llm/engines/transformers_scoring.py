@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import TokenLogprob
-from transformers_sampling import token_logprobs
+from gunicorn_llm.engines.base import TokenLogprob
+from gunicorn_llm.engines.transformers_sampling import token_logprobs
 
 log = logging.getLogger("gunicorn.error")
 

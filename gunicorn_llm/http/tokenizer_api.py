@@ -12,10 +12,15 @@ from typing import Annotated, Any
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from http_common import (
-    check_model_name, check_token_ids, current_engine, encode_text, parse_body, read_json_body,
+from gunicorn_llm.http.common import (
+    check_model_name,
+    check_token_ids,
+    current_engine,
+    encode_text,
+    parse_body,
+    read_json_body,
 )
-from openai_api import ChatMessage, chat_prompt_ids
+from gunicorn_llm.http.openai_api import ChatMessage, chat_prompt_ids
 
 tokenizer_api = Blueprint("tokenizer", __name__)
 

@@ -14,9 +14,9 @@ import hmac
 
 from flask import Flask, current_app, request
 
-from http_common import request_stats
-from request_schema import RequestError
-from server_settings import ServerSettings
+from gunicorn_llm.http.common import request_stats
+from gunicorn_llm.request_schema import RequestError
+from gunicorn_llm.settings import ServerSettings
 
 GENERATION_BLUEPRINTS = {"native", "openai", "tokenizer"}
 

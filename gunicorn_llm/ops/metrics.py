@@ -5,8 +5,8 @@ gunicorn_conf.py creates for the server before the workers fork (and empties of 
 `child_exit`); `/metrics` in any worker reads them all. Gauges that describe one worker carry its pid as the
 `worker` label and disappear when it exits (multiprocess mode "livesum": one process per label set).
 
-`RequestStats` follows one HTTP request: generation.py reports its tokens to it (time to first token, gaps between
-tokens, counts); when the response has been sent whole (streams included) it counts the request and writes the
+`RequestStats` follows one HTTP request: engines/generation.py reports its tokens to it (time to first token, gaps
+between tokens, counts); when the response has been sent whole (streams included) it counts the request and writes the
 access line: request id, route, status, tokens, time to first token, total time.
 """
 
@@ -19,8 +19,15 @@ import threading
 import time
 import uuid
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 access_log = logging.getLogger("gunicorn_llm.access")
 
@@ -152,7 +159,7 @@ def waiting_requests() -> int:
 
 
 class RequestStats:
-    """The counts and times of one HTTP request; generation.py reports tokens, serving.py closes it.
+    """The counts and times of one HTTP request; engines/generation.py reports tokens, http/app.py closes it.
 
     A generation request is *waiting* from `admit()` until its first token and *running* from then until
     `close()`; the worker's gauges and the backpressure count follow those two states.
@@ -194,7 +201,7 @@ class RequestStats:
         if to == "running" and state == "waiting":
             RUNNING.labels(worker).inc()
 
-    # reported by generation.py, per generation (one prompt) and per choice
+    # reported by engines/generation.py, per generation (one prompt) and per choice
 
     def generation_started(self, prompt_tokens: int) -> None:
         with self._lock:

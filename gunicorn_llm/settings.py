@@ -3,15 +3,12 @@
 The launcher (`start_gunicorn.sh`) turns its options into these environment variables; `gunicorn_conf.py` and the
 workers read them back through `load_settings()`. Nothing else reads the environment for configuration.
 
-`python -m server_settings` is the launcher's pre-flight: it validates the settings, discovers and slices the GPUs,
-checks that a slice is free, resolves the model (converting the embedded model on first use) and prints the model's
-folder. Any problem is one line on stderr and exit status 2, before gunicorn starts.
+The launcher's pre-flight (gunicorn_llm/preflight.py) validates them first: a bad value is one line on stderr and
+exit status 2, before gunicorn starts. This module is the package's lowest layer: it imports nothing of it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import sys
 from pathlib import Path
@@ -196,51 +193,3 @@ def load_settings() -> ServerSettings:
     except ValidationError as error:
         print(f"error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
-
-
-def preflight() -> int:
-    from cpu_memory import CpuMemoryError, cpu_kv_cache_bytes
-    from dispatcher import DispatchError, GPUDispatcher, cut_slices, discover_devices
-    from model_store import ModelNotFoundError, resolve_model
-
-    settings = load_settings()
-    if settings.infer_type == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            print("error: --infer_type vllm: vLLM is not installed (pip install -r requirements-vllm-gpu.txt on "
-                  "GPU machines, requirements-vllm-cpu.txt without a GPU)", file=sys.stderr)
-            return USAGE_ERROR
-    elif settings.quantization:
-        print(
-            "error: --quantization applies to the vLLM engine; the transformers engine reads a checkpoint's "
-            "quantization from its config.json",
-            file=sys.stderr,
-        )
-        return USAGE_ERROR
-    try:
-        if settings.api_key_file and not settings.api_keys():
-            print(f"error: --api-key-file {settings.api_key_file} holds no key", file=sys.stderr)
-            return USAGE_ERROR
-    except OSError as error:
-        print(f"error: --api-key-file: {error.strerror}: {settings.api_key_file}", file=sys.stderr)
-        return USAGE_ERROR
-    try:
-        devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)
-        dispatcher = GPUDispatcher(cut_slices(devices, settings.per_proc_gpus), settings.workers_per_gpu,
-                                   settings.dispatcher_state)
-        if dispatcher.free_slice_count(os.getpid()) == 0:
-            print(f"error: no free GPU slice on this host: every slice is held by another server "
-                  f"(see {settings.dispatcher_state})", file=sys.stderr)
-            return USAGE_ERROR
-        model_dir = resolve_model(settings.model_name)
-        if settings.infer_type == "vllm" and dispatcher.slices[0].is_cpu:
-            cpu_kv_cache_bytes(model_dir, settings)  # raises when the model cannot fit in the free memory
-        print(model_dir)
-    except (DispatchError, ModelNotFoundError, CpuMemoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    sys.exit(preflight())

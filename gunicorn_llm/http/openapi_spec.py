@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of every route, generated from the pydantic models that validate the requests.
 
-`GET /openapi.json` (serving.py) answers `openapi_json()`: built once per process from `model_json_schema`-style
+`GET /openapi.json` (app.py) answers `openapi_json()`: built once per process from `model_json_schema`-style
 output of the request models (request_schema.InferRequest and SamplingParams; openai_api.CompletionRequest and
 ChatCompletionRequest; tokenizer_api's requests; `GenerateRequest` below for `/generate`, whose handler reads its body
 by hand) and of small response models below. Every `$ref` points into `components/schemas`; numeric bounds
@@ -32,9 +32,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
-from openai_api import ChatCompletionRequest, CompletionRequest
-from request_schema import InferRequest, SamplingParams
-from tokenizer_api import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from gunicorn_llm.http.openai_api import ChatCompletionRequest, CompletionRequest
+from gunicorn_llm.http.tokenizer_api import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from gunicorn_llm.request_schema import InferRequest, SamplingParams
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"

@@ -2,7 +2,7 @@
 
 An engine turns token ids into token ids: it starts a generation for a tokenized prompt and reports, per choice
 (`n` of them), the new tokens as they are produced and why the choice finished. Text, stop strings and every
-response format live above it (generation.py, serving.py, openai_api.py).
+response format live above it (generation.py, http/app.py, http/openai_api.py).
 
 An engine is built inside a gunicorn worker after its GPU slice is pinned, and is called from many request
 threads at once: it must batch concurrent generations itself rather than serialise them.
@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from request_schema import SamplingParams
+from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 

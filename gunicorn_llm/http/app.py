@@ -1,10 +1,10 @@
 """The Flask app both engines share: the factory, the engine's background loading, health, readiness, errors.
 
-The backend modules (`transformers_url_m.py`, `vllm_url_m.py`) only say how to build their engine; routes live in
-native_api.py and openai_api.py; everything a client sees is decided above the engines, once. The engine is built
-in a background thread so that the worker answers `/health` (and heartbeats to the gunicorn master) while a
-large model loads; requests that arrive meanwhile wait for it. A model that fails to load ends the worker with
-gunicorn's "app failed to load" status, which stops the server with a clear message instead of respawning the
+The engines (`engines/transformers_engine.py`, `engines/vllm_engine.py`) only say how to build and drive a model;
+routes live in native_api.py and openai_api.py; everything a client sees is decided above the engines, once. The
+engine is built in a background thread so that the worker answers `/health` (and heartbeats to the gunicorn master)
+while a large model loads; requests that arrive meanwhile wait for it. A model that fails to load ends the worker
+with gunicorn's "app failed to load" status, which stops the server with a clear message instead of respawning the
 worker forever.
 """
 
@@ -20,20 +20,19 @@ from typing import Callable
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-import metrics
-import systemd_notify
-from dispatcher import pinned_slice_label
-from engine import ClientGone, DeadlineExceeded, Engine
-from guards import install_guards
-from http_common import ENGINE_KEY, EngineLoading, error_response, request_error_response
-from monitor import monitor
-from native_api import native
-from openai_api import openai_api
-from openapi_spec import openapi_json
-from tokenizer_api import tokenizer_api
-from request_schema import RequestError
-from model_store import EMBEDDED_MODEL_NAME, resolve_model
-from server_settings import ServerSettings, load_settings
+from gunicorn_llm.engines.base import ClientGone, DeadlineExceeded, Engine
+from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, resolve_model
+from gunicorn_llm.http.common import ENGINE_KEY, EngineLoading, error_response, request_error_response
+from gunicorn_llm.http.guards import install_guards
+from gunicorn_llm.http.native_api import native
+from gunicorn_llm.http.openai_api import openai_api
+from gunicorn_llm.http.openapi_spec import openapi_json
+from gunicorn_llm.http.tokenizer_api import tokenizer_api
+from gunicorn_llm.ops import metrics, systemd_notify
+from gunicorn_llm.ops.dispatcher import pinned_slice_label
+from gunicorn_llm.ops.monitor import monitor
+from gunicorn_llm.request_schema import RequestError
+from gunicorn_llm.settings import ServerSettings, load_settings
 
 log = logging.getLogger("gunicorn.error")
 

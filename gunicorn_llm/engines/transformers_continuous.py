@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from engine import ChoiceUpdate, GenerationStream
-from request_schema import SamplingParams
+from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream
+from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 
