@@ -99,7 +99,8 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    import metrics  # imported here, in the master, only after PROMETHEUS_MULTIPROC_DIR is set above
+    # imported here, in the master, only after PROMETHEUS_MULTIPROC_DIR is set above
+    from gunicorn_llm.ops import metrics
 
     ended = end_worker_group(worker.pid)  # before the slice is free: then its GPU memory is free too
     if ended:
