@@ -72,7 +72,8 @@ class GenerationStream:
     choices: int
     abort: Callable[[], None]
     incremental: bool = True
-    _updates: queue.Queue = field(default_factory=queue.Queue)
+    # SimpleQueue: put and get are C code, where queue.Queue runs a Condition in Python for each (per token)
+    _updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _held: dict = field(default_factory=dict)  # choice -> its updates since the first, merged (not incremental)
     _published: bool = False
     cancelled: bool = False
