@@ -4,8 +4,8 @@ Fast and offline: no server, no network, no project import. Links are markdown's
 outside code; a target is a path relative to the file that links, optionally with `#anchor`; an anchor into a
 markdown file must match one of its headings under GitHub's slug rules. http(s) and mailto links are not followed.
 
-The README's quick-start `/infer` example is parsed here (`readme_infer_example`); tests/test_server_e2e.py posts
-its body to a real server and expects the answer the README shows.
+The examples that show their answer (a `curl ... -d BODY` line followed by `# ANSWER`) are parsed here
+(`documented_examples`); tests/test_server_e2e.py posts each body to a real server and expects the answer shown.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -89,17 +90,37 @@ def broken_link(source: Path, target: str) -> str | None:
     return None
 
 
-def readme_infer_example(text: str | None = None) -> tuple[str, dict, list]:
-    """The README's quick-start `/infer` curl: its raw body, the body parsed, and the answer shown below it."""
-    lines = (README.read_text(encoding="utf-8") if text is None else text).splitlines()
-    for index, line in enumerate(lines):
-        if line.startswith("curl ") and "/infer" in line:
-            words = shlex.split(line)
-            raw = words[words.index("-d") + 1]
-            shown = lines[index + 1]
-            assert shown.startswith("# "), f"no answer shown under the README's /infer example: {shown!r}"
-            return raw, json.loads(raw), json.loads(shown[2:])
-    raise AssertionError("README.md has no quick-start `curl ... /infer` example")
+@dataclass(frozen=True)
+class Example:
+    """A documented `curl -s URL -d BODY` with the answer shown on the line below it (`# ANSWER`)."""
+
+    where: str  # file:line
+    path: str  # the URL's path, e.g. /infer
+    raw: str  # the body, as curl sends it
+    shown: str  # the answer as the page shows it
+
+    def expected(self, content_type: str):
+        """The shown answer as the route's content type gives it: parsed JSON, or the text itself."""
+        return json.loads(self.shown) if content_type.startswith("application/json") else self.shown
+
+
+def documented_examples(path: Path | None = None) -> list[Example]:
+    """Every example with a shown answer in README.md and docs/*.md (or in `path` alone)."""
+    found = []
+    for page in [path] if path else MARKDOWN_FILES:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for number, (line, below) in enumerate(zip(lines, lines[1:]), start=1):
+            if line.startswith("curl ") and " -d " in line and below.startswith("# "):
+                words = shlex.split(line)
+                url = next(word for word in words if word.startswith("http"))
+                found.append(Example(f"{page.relative_to(ROOT)}:{number}", "/" + url.split("/", 3)[3],
+                                     words[words.index("-d") + 1], below[2:]))
+    return found
+
+
+def readme_infer_example() -> Example:
+    """The README's quick-start `/infer` example."""
+    return next(example for example in documented_examples(README) if example.path == "/infer")
 
 
 @pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda path: str(path.relative_to(ROOT)))
@@ -136,13 +157,19 @@ def test_readme_is_a_front_page_that_names_the_test_command():
 
 
 def test_readme_quick_start_example_is_well_formed():
-    """The example's answer itself is checked against a real server in tests/test_server_e2e.py."""
-    raw, body, shown = readme_infer_example()
+    """The examples' answers themselves are checked against a real server in tests/test_server_e2e.py."""
+    example = readme_infer_example()
+    body, shown = json.loads(example.raw), json.loads(example.shown)
     assert body["params"]["temperature"] == 0, "the example must be greedy for its answer to be reproducible"
     assert isinstance(shown, list) and len(shown) == len(body["instances"])
     assert all(isinstance(text, str) and text for text in shown)
-    # Any page that repeats the example shows the same answer.
-    for path in MARKDOWN_FILES[1:]:
-        text = path.read_text(encoding="utf-8")
-        if raw in text:
-            assert readme_infer_example(text)[2] == shown, f"{path.relative_to(ROOT)} shows another answer"
+
+
+def test_examples_with_answers_are_found_and_reproducible():
+    examples = documented_examples()
+    assert {"/infer", "/generate", "/tokenize", "/detokenize"} <= {example.path for example in examples}
+    for example in examples:
+        body = json.loads(example.raw)
+        generation = body.get("params", body)
+        if "max_tokens" in generation:
+            assert generation.get("temperature") == 0, f"{example.where}: a shown answer needs greedy decoding"

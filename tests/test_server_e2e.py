@@ -16,7 +16,7 @@ import requests
 import torch
 
 from conftest import direct_prompt_logprobs, plain_generate
-from test_docs import readme_infer_example
+from test_docs import documented_examples
 
 LOGPROB_TOLERANCE = 1e-4
 PROMPTS = [
@@ -43,11 +43,16 @@ def test_greedy_answers_equal_plain_generate(server, reference_model):
     assert server.infer(PROMPTS, temperature=0, max_tokens=24) == expected
 
 
-def test_readme_quick_start_answers_what_the_readme_shows(server):
-    raw, _, shown = readme_infer_example()  # the curl's -d body, sent as curl sends it
-    response = requests.post(f"{server.url}/infer", data=raw.encode(), timeout=300,
+@pytest.mark.parametrize("example", documented_examples(), ids=lambda example: example.where)
+def test_documented_examples_answer_what_the_docs_show(server, example):
+    # the body as curl's -d sends it
+    response = requests.post(f"{server.url}{example.path}", data=example.raw.encode(), timeout=300,
                              headers={"Content-Type": "application/x-www-form-urlencoded"})
-    assert response.json() == shown, response.text
+    assert response.status_code == 200, response.text
+    content_type = response.headers["Content-Type"]
+    answer = response.json() if content_type.startswith("application/json") else response.text
+    assert answer == example.expected(content_type), \
+        f"{example.where} shows {example.shown!r}; the server answers {response.text!r}"
 
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):
