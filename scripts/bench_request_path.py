@@ -124,7 +124,8 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--step-ms", type=float, default=3.5, help="a step's time, and ...")
     cli.add_argument("--step-ms-per-seq", type=float, default=0.032, help="... this per running sequence")
-    cli.add_argument("--workers", type=int, default=1)
+    cli.add_argument("--workers", type=int, default=1,
+                     help="gunicorn workers, each with a paced engine of its own at the full pace (not a shared GPU)")
     cli.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     cli.add_argument("--duration", type=float, default=10)
     cli.add_argument("--output-len", type=int, default=128)
