@@ -86,9 +86,7 @@ def post_fork(server, worker):
 
 
 def worker_exit(server, worker):
-    from gunicorn_llm.http.app import (
-        loaded_engine,  # in the worker, where the app is loaded
-    )
+    from gunicorn_llm.http.app import loaded_engine  # in the worker, where the app is loaded
 
     engine = loaded_engine(worker.wsgi) if getattr(worker, "wsgi", None) is not None else None
     if engine is not None:

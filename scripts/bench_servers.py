@@ -54,7 +54,8 @@ VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching
             "ours-vllm-process": ["--infer_type", "vllm", "--vllm-engine-core", "process"]}
 # Options of this server that vLLM's own server takes under the same name (the engine settings)
 SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization")
-HF_KV_SHARE = "0.2"  # of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
+# of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
+HF_KV_SHARE = "0.2"
 
 
 def free_port() -> int:

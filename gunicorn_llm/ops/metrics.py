@@ -6,8 +6,8 @@ gunicorn_conf.py creates for the server before the workers fork (and empties of 
 `worker` label and disappear when it exits (multiprocess mode "livesum": one process per label set).
 
 `RequestStats` follows one HTTP request: engines/generation.py reports its tokens to it (time to first token, gaps
-between tokens, counts); when the response has been sent whole (streams included) it counts the request and writes the
-access line: request id, route, status, tokens, time to first token, total time.
+between tokens, counts); when the response has been sent whole (streams included) it counts the request and writes
+the access line: request id, route, status, tokens, time to first token, total time.
 """
 
 from __future__ import annotations
@@ -19,15 +19,8 @@ import threading
 import time
 import uuid
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
 
 access_log = logging.getLogger("gunicorn_llm.access")
 
