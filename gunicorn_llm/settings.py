@@ -109,6 +109,11 @@ class ServerSettings(BaseSettings):
         "continuous (transformers' continuous batching), generate (batched generate), "
         "auto: slots on GPU (continuous for models with sliding windows or soft-capping), generate on CPU",
     )
+    stream_interval: int = _setting(
+        1, "STREAM_INTERVAL", "--stream-interval",
+        "tokens per streamed chunk after the first (as vLLM's --stream-interval): more writes fewer, larger chunks, "
+        "which frees a busy worker's Python for throughput", ge=1, le=1024,
+    )
     vllm_engine_core: Literal["auto", "process", "worker"] = _setting(
         "auto", "VLLM_ENGINE_CORE", "--vllm-engine-core",
         "vLLM engine: where its engine core runs: process (its own, as in vLLM's server), worker (inside the "

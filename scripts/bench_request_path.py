@@ -12,7 +12,7 @@ one H200 with the 1.7B shape (docs/benchmarks.md): 64 sequences at 11,476 tok/s 
 21,768 (11.8 ms).
 
 Usage: python scripts/bench_request_path.py [--step-ms 3.5] [--step-ms-per-seq 0.032] [--concurrency 64 256] \\
-           [--duration 10] [--modes stream whole] [--out results/request-path]
+           [--duration 10] [--modes stream whole] [--stream-interval 1] [--out results/request-path]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class PacedEngine(Engine):
         self.max_model_len = settings.max_model_len or 4096
         self.step_s = float(os.environ[STEP_MS_ENV]) / 1000
         self.per_sequence_s = float(os.environ[PER_SEQ_MS_ENV]) / 1000
+        self.stream_interval = settings.stream_interval
         self._tokens = self.tokenizer.encode(TEXT, add_special_tokens=False)
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._running: list[_Sequence] = []
@@ -69,7 +70,7 @@ class PacedEngine(Engine):
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         aborted = [False]
-        stream = GenerationStream(params.n, abort=lambda: aborted.__setitem__(0, True))
+        stream = GenerationStream(params.n, abort=lambda: aborted.__setitem__(0, True), interval=self.stream_interval)
         for choice in range(params.n):
             self._incoming.put(_Sequence(stream, choice, params.max_tokens, aborted=aborted))
         return stream
@@ -129,6 +130,7 @@ def main() -> None:
     cli.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     cli.add_argument("--duration", type=float, default=10)
     cli.add_argument("--output-len", type=int, default=128)
+    cli.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval")
     cli.add_argument("--client-processes", type=int, default=2)
     cli.add_argument("--modes", nargs="+", choices=("stream", "whole"), default=["stream", "whole"])
     cli.add_argument("--out", type=Path, default=ROOT / "results" / "request-path")
@@ -140,6 +142,7 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "MODEL_PATH": str(model), "INFER_TYPE": "transformers", "PORT": str(port),
            "CPU_WORKERS": str(options.workers), "THREADS": "4096", "MAX_WAITING": "4096",
+           "STREAM_INTERVAL": str(options.stream_interval),
            STEP_MS_ENV: str(options.step_ms), PER_SEQ_MS_ENV: str(options.step_ms_per_seq),
            "GPU_IDS": "", "CUDA_VISIBLE_DEVICES": "",
            "DISPATCHER_STATE": str(options.out.parent / f"request-path-slices-{port}.json")}

@@ -53,7 +53,7 @@ VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching
             "ours-vllm-inworker": ["--infer_type", "vllm", "--vllm-engine-core", "worker"],
             "ours-vllm-process": ["--infer_type", "vllm", "--vllm-engine-core", "process"]}
 # Options of this server that vLLM's own server takes under the same name (the engine settings)
-SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization")
+SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization", "--stream-interval")
 # of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
 HF_KV_SHARE = "0.2"
 
@@ -163,6 +163,8 @@ def main() -> None:
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.3,
                      help="this server's share of each GPU (its servers share the GPUs with the others)")
     cli.add_argument("--client-processes", type=int, default=4, help="bench.py's --client-processes")
+    cli.add_argument("--stream-interval", type=int, default=1,
+                     help="tokens per streamed chunk, for this server's engines and vLLM's own server")
     cli.add_argument("--modes", nargs="+", choices=("stream", "whole"), default=["stream"],
                      help="one bench.py run per mode: streamed answers, and/or whole ones (bench.py --no-stream)")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
@@ -181,6 +183,7 @@ def main() -> None:
             ours_options = ["--max-model-len", str(options.max_model_len),
                             "--max-batch-size", str(options.max_batch_size),
                             "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+                            "--stream-interval", str(options.stream_interval),
                             # No load shedding: every connection is served, however many wait (a throughput run).
                             "--max-waiting", "4096", "--threads", "4096"]
             command, env, protocol, workers = server_command(spec, model, port, options.gpus, ours_options)

@@ -22,8 +22,9 @@ class ScriptedEngine(Engine):
     model_name = "scripted"
     max_model_len = 1024
 
-    def __init__(self, tokenizer, script: list[list[int]], finish: str | None = "length"):
+    def __init__(self, tokenizer, script: list[list[int]], finish: str | None = "length", stream_interval: int = 1):
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self.eos_token_ids = (tokenizer.eos_token_id,)
         self.script = script
         self.finish = finish
@@ -31,7 +32,7 @@ class ScriptedEngine(Engine):
         self.streams: list[GenerationStream] = []
 
     def start(self, prompt_ids, params):
-        stream = GenerationStream(params.n, abort=self._abort)
+        stream = GenerationStream(params.n, abort=self._abort, interval=self.stream_interval)
         self.streams.append(stream)
         for choice, tokens in enumerate(self.script):
             for position, token in enumerate(tokens):
@@ -127,6 +128,25 @@ def test_a_collected_answer_wakes_its_reader_at_the_first_token_and_at_the_end_o
     assert stream._updates.qsize() == 2  # the request is running; then the rest at once
     (update,) = list(stream)
     assert update.token_ids == tokens and update.finish_reason == "length"
+
+
+def test_a_stream_interval_hands_over_the_first_token_then_that_many_then_the_rest_at_the_end(tokenizer):
+    stream = GenerationStream(2, abort=lambda: None, interval=3)
+    for position in range(8):  # choice 0: 8 tokens; choice 1: 2 tokens, ending after the second
+        stream.publish(ChoiceUpdate(0, [position], None, "length" if position == 7 else None))
+        if position < 2:
+            stream.publish(ChoiceUpdate(1, [100 + position], None, "stop" if position == 1 else None))
+    handed_over = [stream._updates.get_nowait() for _ in range(stream._updates.qsize())]
+    assert [(u.choice, u.token_ids, u.finish_reason) for u in handed_over] == [
+        (0, [0], None), (1, [100, 101], "stop"), (0, [1, 2, 3], None), (0, [4, 5, 6], None), (0, [7], "length")]
+
+
+def test_a_stop_string_in_tokens_held_by_the_stream_interval_still_ends_the_text_before_it(tokenizer):
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three four five six")], finish=None,
+                            stream_interval=4)
+    deltas = list(TextGeneration(engine, [1], SamplingParams(stop=(" three",))))
+    assert "".join(delta.text for delta in deltas) == " one two" and deltas[-1].finish_reason == "stop"
+    assert engine.aborted == 1
 
 
 def test_collecting_without_stop_strings_holds_updates_and_with_them_does_not(tokenizer):

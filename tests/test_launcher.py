@@ -194,6 +194,7 @@ BAD_VALUES = [
     (["--max-model-len", "0"], ["--max-model-len (MAX_MODEL_LEN)='0'"]),
     (["--max-requests", "-1"], ["--max-requests (MAX_REQUESTS)='-1'"]),
     (["--host", ""], ["--host (HOST)=''"]),
+    (["--stream-interval", "0"], ["--stream-interval (STREAM_INTERVAL)='0'"]),
 ]
 
 

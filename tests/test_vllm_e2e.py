@@ -8,6 +8,7 @@ same reference, so the two engines agree within 6e-4.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -32,7 +33,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(start_server):
     # Eager mode and a 1 GiB KV cache per worker keep start-up and memory small on CI's machine.
-    server = start_server("--infer_type", "vLLM", "--cpu-workers", "2", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    # --stream-interval 3: streams come in chunks of 3 tokens after the first (vLLM builds its outputs that way).
+    server = start_server("--infer_type", "vLLM", "--cpu-workers", "2", "--stream-interval", "3",
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     server.seen_while_loading = health_and_readiness_until_ready(server)
     server.slices = server.wait_until_ready(workers=2, timeout_s=400)
     return server
@@ -91,6 +94,19 @@ def test_sampling_with_a_seed_is_reproducible(server):
     first = server.infer(PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8)
     assert [len(choices) for choices in first] == [3, 3]
     assert server.infer(PROMPTS[:2], n=3, seed=7, temperature=1.0, max_tokens=8) == first
+
+
+def test_a_stream_comes_in_chunks_of_the_stream_interval_and_says_what_the_whole_answer_says(server):
+    body = {"prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    whole = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]
+    streamed = requests.post(f"{server.url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=120)
+    chunks = [json.loads(line.removeprefix(b"data: ")) for line in streamed.iter_lines()
+              if line.startswith(b"data: {")]
+    with_tokens = [chunk["choices"][0] for chunk in chunks if chunk["choices"] and chunk["choices"][0]["logprobs"]]
+    assert [len(choice["logprobs"]["tokens"]) for choice in with_tokens] == [1, 3, 3, 3]
+    assert "".join(choice["text"] for choice in with_tokens) == whole["text"]
+    assert sum((choice["logprobs"]["token_logprobs"] for choice in with_tokens), []) == pytest.approx(
+        whole["logprobs"]["token_logprobs"], abs=1e-5)
 
 
 def test_stop_strings_and_validation_behave_as_on_transformers(server):

@@ -64,25 +64,28 @@ class GenerationStream:
     the engine (a client that left, a stop string found) and ends the iteration.
 
     A reader that falls behind gets what queued up merged into one update per choice, so that a busy worker
-    decodes and writes once per read rather than once per token. A stream that is not `incremental` (a whole
-    answer, no stop strings to watch) hands over its first update (the request is running) and then each choice
-    once, when it finishes: its reader does not wake per token.
+    decodes and writes once per read rather than once per token. After its first update a stream hands over
+    `interval` tokens of a choice at a time (--stream-interval, as vLLM's), and a choice's last tokens when it
+    finishes: the reader wakes, decodes and writes once per `interval` tokens. A stream that is not `incremental`
+    (a whole answer, no stop strings to watch) hands over its first update (the request is running) and then each
+    choice once, when it finishes: its reader does not wake per token.
     """
 
     choices: int
     abort: Callable[[], None]
+    interval: int = 1
     incremental: bool = True
     # SimpleQueue: put and get are C code, where queue.Queue runs a Condition in Python for each (per token)
     _updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    _held: dict = field(default_factory=dict)  # choice -> its updates since the first, merged (not incremental)
+    _held: dict = field(default_factory=dict)  # choice -> its updates not handed over yet, merged
     _published: bool = False
     cancelled: bool = False
 
     def publish(self, update: ChoiceUpdate) -> None:
-        if not self.incremental and self._published:
+        if self._published and (self.interval > 1 or not self.incremental):
             held = self._held.pop(update.choice, None)
             update = update if held is None else _merged(held, update)
-            if update.finish_reason is None:
+            if update.finish_reason is None and (not self.incremental or len(update.token_ids) < self.interval):
                 self._held[update.choice] = update
                 return
         self._published = True

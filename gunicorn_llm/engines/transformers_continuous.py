@@ -39,10 +39,12 @@ class _Sequence:
 
 class ContinuousBatching:
     def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float, on_death,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, stream_interval: int = 1):
         """`memory_share`: the fraction of the device's free memory this manager may take for its KV cache;
         `on_death(error)`: called once if the manager's loop dies; `cuda_graphs`: replay CUDA graphs (with
-        asynchronous batching) instead of launching each kernel, captured at load and as batch shapes appear."""
+        asynchronous batching) instead of launching each kernel, captured at load and as batch shapes appear;
+        `stream_interval`: tokens per streamed update (GenerationStream)."""
+        self.stream_interval = stream_interval
         self.vocab_size = vocab_size
         self.on_death = on_death
         # Values other than the neutral ones make the manager build its per-request temperature, top-k and top-p
@@ -86,7 +88,7 @@ class ContinuousBatching:
         if self._loop_error is not None:
             raise RuntimeError(f"the generation loop died: {self._loop_error}")
         request_ids = [uuid.uuid4().hex for _ in range(params.n)]
-        stream = GenerationStream(params.n, abort=lambda: self._cancel(request_ids))
+        stream = GenerationStream(params.n, abort=lambda: self._cancel(request_ids), interval=self.stream_interval)
         sampling = self._sampling_kwargs(params)
         for choice, request_id in enumerate(request_ids):
             with self._lock:  # registered before it is added, so its first output always finds it

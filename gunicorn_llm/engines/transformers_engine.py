@@ -192,6 +192,7 @@ class TransformersEngine(Engine):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.stream_interval = settings.stream_interval
         self.continuous = self._continuous_batching(settings)
         self._jobs: queue.Queue = queue.Queue()
         self._observer: _StepObserver | None = None  # the batched generate running now, if any
@@ -214,12 +215,13 @@ class TransformersEngine(Engine):
             return SlotBatching(self.model, settings.max_batch_size or SLOTS_PER_WORKER, self.max_model_len,
                                 self._slot_cache_bytes(settings),
                                 cuda_graphs=self.device.type == "cuda" and not settings.enforce_eager,
-                                on_death=self.die, on_step=self.step_taken)
+                                on_death=self.die, on_step=self.step_taken, stream_interval=settings.stream_interval)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
         return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die,
-                                  cuda_graphs=settings.cuda_graphs and self.device.type == "cuda")
+                                  cuda_graphs=settings.cuda_graphs and self.device.type == "cuda",
+                                  stream_interval=settings.stream_interval)
 
     def _slot_cache_bytes(self, settings: ServerSettings) -> int:
         """What the slots' KV cache may take: this worker's share of the GPU (--gpu-memory-utilization over
@@ -261,7 +263,8 @@ class TransformersEngine(Engine):
             metrics.engine_path_taken(BATCHING_NAMES[type(self.continuous)])
             return self.continuous.start(prompt_ids, params, stop_ids)
         metrics.engine_path_taken("generate")
-        stream = GenerationStream(params.n, abort=lambda: None)  # the step observer sees `cancelled` and ends rows
+        # the step observer sees `cancelled` and ends rows
+        stream = GenerationStream(params.n, abort=lambda: None, interval=self.stream_interval)
         self._jobs.put(GenerateJob(prompt_ids, params, stream))
         return stream
 

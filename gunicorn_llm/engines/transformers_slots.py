@@ -132,10 +132,12 @@ class _Sequence:
 
 
 class SlotBatching:
-    def __init__(self, model, slots: int, max_len: int, cache_bytes: int, cuda_graphs: bool, on_death, on_step):
+    def __init__(self, model, slots: int, max_len: int, cache_bytes: int, cuda_graphs: bool, on_death, on_step,
+                 stream_interval: int = 1):
         """`slots`: sequences at most (fewer if their cache would not fit in `cache_bytes`); `max_len`: prompt plus
         generated tokens; `on_death(error)`: called once if the loop dies; `on_step()`: called once per decode
-        step."""
+        step; `stream_interval`: tokens per streamed update (GenerationStream)."""
+        self.stream_interval = stream_interval
         self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
@@ -187,7 +189,7 @@ class SlotBatching:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.max_len - 1} (--max-model-len {self.max_len})")
         sequences: list[_Sequence] = []
-        stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences))
+        stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences), interval=self.stream_interval)
         sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids,
                                    generator_for(params, choice, self.device)) for choice in range(params.n))
         with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued

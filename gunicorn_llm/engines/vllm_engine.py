@@ -60,6 +60,7 @@ class VLLMEngine(Engine):
         if own_process:
             # The worker has threads (a forked child would inherit their locks) and may have touched CUDA.
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        from transformers import AutoTokenizer
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext
 
@@ -77,6 +78,8 @@ class VLLMEngine(Engine):
                 enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not on_gpu,
                 trust_remote_code=settings.trust_remote_code,
                 seed=0,
+                # vLLM then builds a request's output once per interval, not per token (its streams hold the same).
+                stream_interval=settings.stream_interval,
                 # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
                 **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
             ),
@@ -84,12 +87,16 @@ class VLLMEngine(Engine):
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_multiprocessing=own_process,
         )
-        self.tokenizer = self.engine.get_tokenizer()
+        # The text path's own tokenizer. vLLM's (`engine.get_tokenizer()`) routes each call through a pool that
+        # deep-copies the whole tokenizer whenever more threads use it at once than it holds copies (2): under a
+        # worker's hundreds of request threads, each copy held the GIL for tens of milliseconds (docs/benchmarks.md).
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         eos = self.engine.model_config.hf_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(i for i in eos_ids if i is not None))
         self.max_model_len = self.engine.model_config.max_model_len
+        self.stream_interval = settings.stream_interval
         self._incoming: queue.Queue = queue.Queue()
         self._running: dict[str, Submission] = {}
         threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
@@ -107,7 +114,8 @@ class VLLMEngine(Engine):
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         submission = Submission(prompt_ids, self._sampling_params(params))
-        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
+        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)),
+                                             interval=self.stream_interval)
         self._incoming.put(("add", submission))
         return submission.stream
 
