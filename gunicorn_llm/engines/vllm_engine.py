@@ -89,7 +89,7 @@ class VLLMEngine(Engine):
         )
         # The text path's own tokenizer. vLLM's (`engine.get_tokenizer()`) routes each call through a pool that
         # deep-copies the whole tokenizer whenever more threads use it at once than it holds copies (2): under a
-        # worker's hundreds of request threads, each copy held the GIL for tens of milliseconds (docs/benchmarks.md).
+        # worker's hundreds of request threads, each copy held the GIL for about 0.1 s (docs/benchmarks.md).
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         eos = self.engine.model_config.hf_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
