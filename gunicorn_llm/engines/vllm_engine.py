@@ -78,7 +78,7 @@ class VLLMEngine(Engine):
                 enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not on_gpu,
                 trust_remote_code=settings.trust_remote_code,
                 seed=0,
-                # vLLM then builds a request's output once per interval, not per token (its streams hold the same).
+                # vLLM builds a request's output once per interval, not per token: its streams hold nothing back.
                 stream_interval=settings.stream_interval,
                 # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
                 **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
@@ -96,7 +96,6 @@ class VLLMEngine(Engine):
         eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(i for i in eos_ids if i is not None))
         self.max_model_len = self.engine.model_config.max_model_len
-        self.stream_interval = settings.stream_interval
         self._incoming: queue.Queue = queue.Queue()
         self._running: dict[str, Submission] = {}
         threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
@@ -114,8 +113,7 @@ class VLLMEngine(Engine):
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         submission = Submission(prompt_ids, self._sampling_params(params))
-        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)),
-                                             interval=self.stream_interval)
+        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
         self._incoming.put(("add", submission))
         return submission.stream
 
