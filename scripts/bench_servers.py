@@ -122,10 +122,11 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
     raise SystemExit(f"unknown server {spec!r}: use hf, naive, or {' '.join(name + ':K' for name in VARIANTS)}")
 
 
-def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: float) -> None:
-    """Until every worker has loaded (`workers`: this server's count; 0: another server, ready once its /health
-    answers). The next server starts only then: a vLLM engine sizing its cache fails when another process frees
-    GPU memory meanwhile (this server's /health answers while its model loads, its /workers says when all have)."""
+def wait_ready(url: str, workers: int | None, process: subprocess.Popen, timeout_s: float) -> None:
+    """Until every worker has loaded (`workers`: this server's count, None: the count its /workers expects; 0:
+    another server, ready once its /health answers). The next server starts only then: a vLLM engine sizing its
+    cache fails when another process frees GPU memory meanwhile (this server's /health answers while its model
+    loads, its /workers says when all have)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -133,11 +134,12 @@ def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: flo
         try:
             with urlopen(f"{url}/health", timeout=5):
                 pass
-            if not workers:
+            if workers == 0:
                 return
             with urlopen(f"{url}/workers", timeout=5) as response:
-                if json.loads(response.read())["loaded"] >= workers:
-                    return
+                state = json.loads(response.read())
+            if state["loaded"] >= (state["workers"] if workers is None else workers):
+                return
         except OSError:
             pass
         time.sleep(1)

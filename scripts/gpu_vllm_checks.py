@@ -38,7 +38,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_servers import build_model, free_port, stop_on_sigterm, stop_servers  # noqa: E402
+from bench_servers import build_model, free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]
@@ -77,19 +77,10 @@ class Server:
 
     def ready(self, timeout_s: float = 600) -> dict:
         """A ready worker's /ready, once every worker has loaded."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited with {self.process.returncode}")
-            try:
-                answer = requests.get(f"{self.url}/ready", timeout=5)
-                workers = requests.get(f"{self.url}/workers", timeout=5).json()
-                if answer.status_code == 200 and workers["loaded"] >= workers["workers"]:
-                    return answer.json()
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"{self.url} not ready after {timeout_s} s")
+        wait_ready(self.url, None, self.process, timeout_s)
+        answer = requests.get(f"{self.url}/ready", timeout=5)
+        answer.raise_for_status()
+        return answer.json()
 
     def post(self, path: str, body: dict) -> dict:
         answer = requests.post(f"{self.url}{path}", json=body, timeout=300)
