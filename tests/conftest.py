@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,3 +171,15 @@ def engine_server(request, start_server):
         yield server
     finally:
         server.stop()
+
+
+def pytest_unconfigure(config):
+    """A test that leaves a thread running which is no daemon (an engine it never closed) would make Python wait for
+    it forever as pytest exits, and CI would hang past its limit after the summary. Name it and fail the run."""
+    left = [thread.name for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
+    if left:
+        sys.stderr.write(f"\npytest: tests left threads running that are not daemons: {', '.join(left)}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)

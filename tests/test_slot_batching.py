@@ -568,9 +568,12 @@ def test_each_batching_path_hands_a_stream_over_in_chunks_of_the_stream_interval
     engine = TransformersEngine(str(embedded_model_dir), "embedded", ServerSettings(
         BATCHING=batching, MAX_MODEL_LEN=MAX_LEN, STREAM_INTERVAL=3))
     prompt = tokenizer("1, 2, 3, 4,")["input_ids"]
-    stream = engine.start(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    handed_over = [stream._updates.get(timeout=60)]  # straight from the queue: a late reader would merge them
-    while handed_over[-1].finish_reason is None:
-        handed_over.append(stream._updates.get(timeout=60))
+    try:
+        stream = engine.start(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        handed_over = [stream._updates.get(timeout=60)]  # straight from the queue: a late reader would merge them
+        while handed_over[-1].finish_reason is None:
+            handed_over.append(stream._updates.get(timeout=60))
+    finally:
+        engine.close()
     assert [len(update.token_ids) for update in handed_over] == [1, 3, 3, 1]
     assert sum((update.token_ids for update in handed_over), []) == greedy_ids(reference_model, prompt, 8)

@@ -71,6 +71,7 @@ class ContinuousBatching:
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
         self._loop_error: BaseException | None = None
+        self._closed = threading.Event()  # the routing thread ends with the manager (it would spin on a stopped one)
         threading.Thread(target=self._route_results, name="cb-results", daemon=True).start()
 
     @staticmethod
@@ -105,6 +106,12 @@ class ContinuousBatching:
     def running(self) -> int:
         return len(self._sequences)
 
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the manager's generation loop. Its thread is not a daemon: a process that never stops it waits for
+        it forever as it exits."""
+        self._closed.set()
+        self.manager.stop(block=True, timeout=timeout_s)
+
     def _sampling_kwargs(self, params: SamplingParams) -> dict:
         if params.is_greedy:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
@@ -129,6 +136,8 @@ class ContinuousBatching:
                 error = self.manager.background_thread_status.fatal_error
                 if error is not None:
                     self._fail_all(error)
+                    return
+                if self._closed.is_set():
                     return
                 continue
             finished = output.is_finished()

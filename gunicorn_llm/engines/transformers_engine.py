@@ -233,6 +233,12 @@ class TransformersEngine(Engine):
             self.device)
         return int(min(share, free) - ACTIVATION_HEADROOM_BYTES)
 
+    def close(self) -> None:
+        """Stop the continuous-batching manager's loop, for a process that keeps running after the engine (a
+        gunicorn worker's exit ends it anyway)."""
+        if isinstance(self.continuous, ContinuousBatching):
+            self.continuous.close()
+
     def running(self) -> int:
         observer = self._observer
         return (observer.live_rows if observer else 0) + (self.continuous.running() if self.continuous else 0)
