@@ -48,6 +48,9 @@ systemd_notify.prepare(workers)
 # gthread, closing its listeners when it starts to drain
 worker_class = "gunicorn_llm.ops.draining_worker.DrainingThreadWorker"
 threads = settings.threads
+# gthread keeps only worker_connections - threads idle keep-alive connections: none at all once --threads reaches
+# gunicorn's default of 1000, and every answer would then close its connection. The same room above any --threads.
+worker_connections = settings.threads + 1000
 timeout = settings.worker_timeout
 graceful_timeout = settings.worker_timeout
 keepalive = 5

@@ -147,6 +147,16 @@ def test_a_stop_string_in_tokens_held_by_the_stream_interval_still_ends_the_text
     deltas = list(TextGeneration(engine, [1], SamplingParams(stop=(" three",))))
     assert "".join(delta.text for delta in deltas) == " one two" and deltas[-1].finish_reason == "stop"
     assert engine.aborted == 1
+    # The answer's tokens end with the one that completed the stop string, as in vLLM: not the held ones after it.
+    assert sum((delta.token_ids for delta in deltas), []) == ids(tokenizer, " one two three")
+
+
+def test_a_collected_answer_counts_no_token_past_its_stop_string(tokenizer):
+    # Everything is published before the reader starts, so it gets one merged update that runs past the stop string.
+    engine = ScriptedEngine(tokenizer, [ids(tokenizer, " one two three four five six")], finish=None)
+    [result] = TextGeneration(engine, [1], SamplingParams(stop=("four", " two"))).collect()
+    assert (result.text, result.finish_reason) == (" one", "stop")
+    assert result.token_ids == ids(tokenizer, " one two")
 
 
 def test_collecting_without_stop_strings_holds_updates_and_with_them_does_not(tokenizer):

@@ -146,15 +146,20 @@ def test_n_with_a_seed_is_reproducible(client):
     assert sample() == first
 
 
-def test_stop_string_ends_the_text_before_it(client, greedy16):
+def test_stop_string_ends_the_text_before_it(client, reference_model, greedy16):
     stop = "answer"  # greedy16 is " Paris.\n\nThe answer is: ..."
     assert stop in greedy16
+    # The answer's tokens run through the one that completes the stop string (as vLLM counts them), no further.
+    tokenizer, _ = reference_model
+    through_stop = len(tokenizer(greedy16[: greedy16.index(stop) + len(stop)], add_special_tokens=False)["input_ids"])
     answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
     assert answer.choices[0].text == greedy16.split(stop)[0]
     assert answer.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
-                                         stream=True)
-    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == greedy16.split(stop)[0]
+    assert answer.usage.completion_tokens == through_stop
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == greedy16.split(stop)[0]
+    assert chunks[-1].usage.completion_tokens == through_stop
 
 
 def test_completion_logprobs(client, greedy16):

@@ -6,6 +6,7 @@ equal, and prompt log-probabilities equal within 1e-4 nats (both run in float32,
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import time
@@ -29,9 +30,25 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    server = start_server("--cpu-workers", "2")
+    # More threads than gunicorn's default connection limit (1000): keep-alive must still work (below).
+    server = start_server("--cpu-workers", "2", "--threads", "1200")
     server.slices = server.wait_until_ready(workers=2)
     return server
+
+
+def test_a_client_keeps_its_connection_between_requests(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        sockets = []
+        for _ in range(3):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200 and response.getheader("Connection", "").lower() != "close"
+            sockets.append(connection.sock)
+        assert sockets[0] is not None and sockets.count(sockets[0]) == 3  # one connection served all three
+    finally:
+        connection.close()
 
 
 def test_two_cpu_workers_hold_distinct_slices(server):

@@ -55,23 +55,38 @@ class _ChoiceText:
         self.sent = 0  # characters of the text already handed out
         self.hold = max((len(s) for s in params.stop or ()), default=1) - 1
 
-    def advance(self, update: ChoiceUpdate) -> tuple[str, str | None]:
-        """The text that can be released now, and the finish reason (which a stop string may set)."""
+    def advance(self, update: ChoiceUpdate) -> tuple[str, str | None, int]:
+        """The text that can be released now, the finish reason (which a stop string may set), and how many of the
+        update's tokens belong to the answer: a stop string ends it at the token that completes the stop string,
+        as in vLLM, also when the update carries tokens past it (a stream interval, a reader that fell behind)."""
         self.token_ids.extend(update.token_ids)
         ids = self.token_ids
         if update.finish_reason == "stop" and ids and ids[-1] in self.stop_token_ids:
             ids = ids[:-1]  # the stop token itself is not part of the answer
-        finish = update.finish_reason
+        finish, kept = update.finish_reason, len(update.token_ids)
         self._decode(ids, final=finish is not None)
         text = self.text
-        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.params.stop or ()) if i >= 0),
-                  default=-1)
-        if cut >= 0:
+        found = [(i, stop) for stop in self.params.stop or ()
+                 if (i := text.find(stop, max(0, self.sent - len(stop)))) >= 0]
+        if found:
+            cut, stop = min(found, key=lambda match: (match[0], len(match[1])))  # the first to end the text
             text, finish = text[:cut], "stop"
+            kept = self._tokens_completing(cut, stop, kept)
         elif finish is None:
             text = text[: max(len(text) - self.hold, self.sent)]  # what may be the start of a stop string waits
         delta, self.sent = text[self.sent :], len(text)
-        return delta, finish
+        return delta, finish, kept
+
+    def _tokens_completing(self, cut: int, stop: str, new: int) -> int:
+        """The fewest of the last update's `new` tokens whose text holds `stop` at `cut` (once per choice, at its end:
+        a whole decode per try is cheap enough)."""
+        before = len(self.token_ids) - new
+        for count in range(1, new):
+            text = self.tokenizer.decode(self.token_ids[: before + count],
+                                         skip_special_tokens=self.params.skip_special_tokens)
+            if text[cut : cut + len(stop)] == stop:
+                return count
+        return new
 
     def _decode(self, ids: list[int], final: bool) -> None:
         if len(ids) <= self.read_offset:
@@ -118,11 +133,12 @@ class TextGeneration:
                 state = self._choices[update.choice]
                 if state is None:
                     continue  # a stop string already ended this choice
-                text, finish = state.advance(update)
+                text, finish, kept = state.advance(update)
                 if finish is not None:
                     self._choices[update.choice] = None
                     self._open -= 1
-                yield TextDelta(update.choice, text, update.token_ids, update.logprobs, finish)
+                logprobs = update.logprobs[:kept] if update.logprobs is not None else None
+                yield TextDelta(update.choice, text, update.token_ids[:kept], logprobs, finish)
                 if self._open == 0:
                     break
         finally:
