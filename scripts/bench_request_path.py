@@ -118,7 +118,7 @@ def __getattr__(name: str):
 
 
 def main() -> None:
-    from bench_servers import free_port, stop_on_sigterm, stop_servers, wait_ready
+    from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready
 
     from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, resolve_model
 

@@ -27,16 +27,12 @@ Usage: python scripts/bench_servers.py CONFIG_AND_TOKENIZER_DIR --servers hf our
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -44,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from probe_cb_configs import SHAPES, random_model  # noqa: E402
+from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
 
 # this server's launcher options per variant (see the docstring)
 TRANSFORMERS = ["--infer_type", "transformers"]
@@ -56,12 +53,6 @@ VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching
 SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization", "--stream-interval")
 # of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
 HF_KV_SHARE = "0.2"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_model(source: Path, shape: str, target: Path) -> None:
@@ -120,30 +111,6 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
         command += ["--per_proc_gpus", str(per_slice), "--workers-per-gpu", str(per_gpu)]
         return command, env, "completions", per_gpu * len(gpus.split(",")) // per_slice
     raise SystemExit(f"unknown server {spec!r}: use hf, naive, or {' '.join(name + ':K' for name in VARIANTS)}")
-
-
-def wait_ready(url: str, workers: int | None, process: subprocess.Popen, timeout_s: float) -> None:
-    """Until every worker has loaded (`workers`: this server's count, None: the count its /workers expects; 0:
-    another server, ready once its /health answers). The next server starts only then: a vLLM engine sizing its
-    cache fails when another process frees GPU memory meanwhile (this server's /health answers while its model
-    loads, its /workers says when all have)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with {process.returncode} before it was ready")
-        try:
-            with urlopen(f"{url}/health", timeout=5):
-                pass
-            if workers == 0:
-                return
-            with urlopen(f"{url}/workers", timeout=5) as response:
-                state = json.loads(response.read())
-            if state["loaded"] >= (state["workers"] if workers is None else workers):
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} not ready after {timeout_s:.0f} s")
 
 
 def main() -> None:
@@ -224,35 +191,6 @@ def print_requests_per_worker(bench_url: str) -> None:
         workers = json.loads(response.read())["ready"]
     print(f"{name}: generation requests per worker:",
           ", ".join(f"pid {w['pid']} (GPUs {w['slice']}): {w['generation_requests']}" for w in workers), flush=True)
-
-
-def stop_on_sigterm() -> None:
-    """A SIGTERM (`timeout`'s, say) ends the script through its `finally` blocks, which stop the servers it
-    started: they run in sessions of their own, so nothing else would, and a leftover holds the GPUs' memory."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-
-
-def stop_servers(processes: list[subprocess.Popen], wait_s: float = 60) -> None:
-    """SIGTERM to each server's process group; what has not ended after `wait_s` is killed, every process of the
-    server's tree included (this server's workers lead process groups of their own, which a group kill misses)."""
-    import psutil
-
-    trees = {}
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            trees[process.pid] = psutil.Process(process.pid).children(recursive=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            for child in trees.get(process.pid, []):
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-            process.wait()
 
 
 if __name__ == "__main__":

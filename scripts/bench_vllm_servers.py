@@ -15,44 +15,23 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
+from server_processes import free_port, wait_ready  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- vllm-servers:begin -->", "<!-- vllm-servers:end -->"
 MAX_MODEL_LEN = "2048"
 OURS, THEIRS = "this server (vLLM backend)", "vLLM OpenAI server"
 DTYPE = "float32"  # this server's CPU default (see docs/benchmarks.md); vLLM's server is given the same
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode} before it was ready ({url})")
-        try:
-            with urlopen(f"{url}/v1/models", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"server at {url} not ready after {timeout_s} s")
 
 
 def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[str, subprocess.Popen]]:
@@ -75,8 +54,8 @@ def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[str, subprocess
         log = open(log_dir / f"{port}.log", "w")
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         servers[name] = (f"http://127.0.0.1:{port}", process)
-    for url, process in servers.values():
-        wait_ready(url, process)
+    for name, (url, process) in servers.items():
+        wait_ready(url, None if name == OURS else 0, process, timeout_s=600)  # ours: until its worker has loaded
     return servers
 
 

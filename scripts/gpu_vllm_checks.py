@@ -38,7 +38,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_servers import build_model, free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
+from bench_servers import build_model  # noqa: E402
+from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,13 +26,11 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from server_processes import free_port, wait_ready  # noqa: E402
+
 DOC = ROOT / "docs" / "soak.md"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -57,27 +54,13 @@ def main() -> None:
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     try:
-        wait_ready(url, options.workers, server)
+        wait_ready(url, options.workers, server, timeout_s=600)
         report = soak(url, server, options)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=120)
     print(report)
     DOC.write_text(report + "\n")
-
-
-def wait_ready(url: str, workers: int, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"server exited with {server.returncode}")
-        try:
-            if requests.get(f"{url}/workers", timeout=5).json()["loaded"] == workers:
-                return
-        except (requests.RequestException, ValueError, KeyError):
-            pass
-        time.sleep(1)
-    raise SystemExit("server not ready")
 
 
 def soak(url: str, server: subprocess.Popen, options) -> str:
