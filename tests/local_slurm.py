@@ -24,15 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMON_START_TIMEOUT_S = 30
 DAEMON_STOP_TIMEOUT_S = 15
 JOBS_END_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalSlurm:

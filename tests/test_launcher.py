@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import free_port
 from gunicorn_llm.settings import ServerSettings
 
 pytestmark = pytest.mark.timeout(150)
@@ -46,12 +47,6 @@ class Launch:
     @property
     def stderr_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def is_listening(port: int) -> bool:
