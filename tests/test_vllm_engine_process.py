@@ -6,7 +6,7 @@ the worker (vLLM's engine core and its model worker), all in the worker's proces
 - kill -9 of the worker: when the replacement worker exists, no process of the old worker's group is left (the
   master ended them before it freed the slice), and the replacement serves;
 - HUP: the old worker's engine ends with it, the new one serves;
-- SIGTERM: the master exits 0 and nothing of the server is left;
+- SIGTERM: the master exits 0 and nothing of the server is left, and nothing had to be killed;
 - kill -9 of the master (a second server): the worker notices, stops its engine and exits; nothing is left.
 """
 
@@ -97,6 +97,10 @@ def test_sigterm_under_load_leaves_no_process(server):
         outcomes = load.stop()
     wait_until(lambda: not [pid for pid in tree if alive(pid)], 30, "every process of the server ends")
     assert not [o for o in outcomes if o.hung], summary(outcomes)
+    # The engine stopped on SIGTERM, nothing had to be killed: its resource tracker (which ignores SIGTERM) ended
+    # once the others had, and was not waited for through the grace time.
+    assert "stopped its engine's processes" in server.log()
+    assert "did not stop within" not in server.log(), server.log()[-3000:]
 
 
 @pytest.mark.timeout(LOAD_S + 120)

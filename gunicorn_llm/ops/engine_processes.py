@@ -59,14 +59,44 @@ def end_worker_group(worker_pid: int) -> list[int]:
 
 
 def end_own_group(grace_s: float = STOP_GRACE_S) -> list[int]:
-    """In a worker that is exiting: stop the other processes of its group (SIGTERM, then SIGKILL after `grace_s`)."""
+    """In a worker that is exiting: stop the other processes of its group (SIGTERM, then SIGKILL after `grace_s`).
+
+    The worker's multiprocessing resource tracker (vLLM's engine processes are spawned, which starts one) ignores
+    SIGTERM: it ends once no process holds its pipe, and then unlinks the shared memory the others left behind. So
+    it is not waited for with them, and once they are gone the worker lets go of the pipe and waits for it to end.
+    """
     me = os.getpid()
     if os.getpgid(0) != me:
         return []
     others = [pid for pid in group_members(me) if pid != me]
-    if others and _signal_and_wait(others, signal.SIGTERM, grace_s, "engine processes"):
-        _signal_and_wait(others, signal.SIGKILL, END_WAIT_S, "engine processes")
+    if not others:
+        return []
+    tracker = _resource_tracker_pid()
+    engine = [pid for pid in others if pid != tracker]
+    stuck = _signal_and_wait(engine, signal.SIGTERM, grace_s, "engine processes")
+    if not stuck and tracker in others:
+        _stop_resource_tracker()
+    if left := [pid for pid in others if _runs(pid)]:
+        log.warning("engine processes %s did not stop within %.0f s of SIGTERM; killing them", left, grace_s)
+        _signal_and_wait(left, signal.SIGKILL, END_WAIT_S, "engine processes")
     return others
+
+
+def _resource_tracker_pid() -> int | None:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+def _stop_resource_tracker() -> None:
+    """Close this process's end of the tracker's pipe and wait for the tracker to clean up and exit (it can: every
+    other process that held the pipe has ended)."""
+    from multiprocessing import resource_tracker
+
+    try:
+        resource_tracker._resource_tracker._stop()
+    except Exception as error:  # noqa: BLE001 - a private interface: if it changed, the tracker is killed instead
+        log.warning("could not stop the resource tracker (%s); killing it", error)
 
 
 def _signal_and_wait(pids: list[int], sig: int, wait_s: float, what: str) -> list[int]:
