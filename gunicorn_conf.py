@@ -94,6 +94,10 @@ def worker_exit(server, worker):
     engine = loaded_engine(worker.wsgi) if getattr(worker, "wsgi", None) is not None else None
     if engine is not None:
         engine.stopping = True
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - whatever it left running, the group's end below stops
+            worker.log.exception("worker %s: the engine did not close cleanly", os.getpid())
     ended = end_own_group()  # the engine's own processes: else the exit waits on them forever
     if ended:
         worker.log.info("worker %s stopped its engine's processes %s", os.getpid(), ended)

@@ -213,6 +213,10 @@ class Engine(ABC):
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}
 
+    def close(self) -> None:
+        """Stop what the engine runs beside the request threads, in order, as its worker exits (`stopping` is set
+        first). By default nothing: the worker's exit ends it."""
+
     def inject_failure_after(self, steps: int | None) -> None:
         self._fail_at_step = steps
 

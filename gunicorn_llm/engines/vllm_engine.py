@@ -35,6 +35,7 @@ from gunicorn_llm.request_schema import SamplingParams
 from gunicorn_llm.settings import ServerSettings
 
 log = logging.getLogger("gunicorn.error")
+SHUTDOWN_TIMEOUT_S = 10.0  # for vLLM's engine core to stop when asked, before the worker's group is signalled
 
 
 @dataclass
@@ -102,6 +103,13 @@ class VLLMEngine(Engine):
 
     def running(self) -> int:
         return sum(submission.sampling.n for submission in list(self._running.values()))
+
+    def close(self) -> None:
+        # vLLM's own shutdown: its engine core stops and is waited for, and vLLM does not report it as an engine
+        # that "exited unexpectedly", as it did when the worker's exit hook signalled its process group first. An
+        # engine core inside the worker is left to the process's exit: it may be in the middle of a step.
+        if self.engine_core == "process":
+            self.engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def describe(self) -> dict:
         config = self.engine.model_config
@@ -173,6 +181,8 @@ class VLLMEngine(Engine):
                 self.step_taken()
                 outputs = self.engine.step()
             except Exception as error:  # noqa: BLE001 - vLLM cannot go on after a failed step: fail, then replace
+                if self.stopping:
+                    return  # the worker is exiting and shut the engine down: nothing failed
                 log.exception("vLLM engine step failed")
                 self._fail_running(error)
                 self.die(error)
