@@ -108,9 +108,9 @@ class ContinuousBatching:
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the manager's generation loop. Its thread is not a daemon: a process that never stops it waits for
-        it forever as it exits."""
-        self._closed.set()
+        it forever as it exits. The routing thread ends after it, once it has handed on what the loop produced."""
         self.manager.stop(block=True, timeout=timeout_s)
+        self._closed.set()
 
     def _sampling_kwargs(self, params: SamplingParams) -> dict:
         if params.is_greedy:

@@ -234,8 +234,7 @@ class TransformersEngine(Engine):
         return int(min(share, free) - ACTIVATION_HEADROOM_BYTES)
 
     def close(self) -> None:
-        """Stop the continuous-batching manager's loop, for a process that keeps running after the engine (a
-        gunicorn worker's exit ends it anyway)."""
+        """Stop the continuous-batching manager's loop (its thread is not a daemon); the other paths' threads are."""
         if isinstance(self.continuous, ContinuousBatching):
             self.continuous.close()
 
