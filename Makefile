@@ -20,7 +20,7 @@ SYSTEM_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver
 SYSTEM_TOOLS += /usr/sbin/munged:munge /usr/sbin/slurmctld:slurmctld /usr/sbin/slurmd:slurmd
 SYSTEM_TOOLS += /usr/bin/sbatch:slurm-client /usr/sbin/nginx:nginx
 
-.PHONY: setup system-tools run test clean
+.PHONY: setup system-tools run lint test test-fast clean
 
 setup: $(STAMP)
 
@@ -46,10 +46,21 @@ system-tools:
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./start_gunicorn.sh $(ARGS)
 
+# ruff with the rules in pyproject.toml; `make test` runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: setup system-tools
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+NO_TESTS_FAILS = rc=$$?; if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The whole suite, and CI's command.
+test: lint system-tools
+	$(PYTEST) tests; $(NO_TESTS_FAILS)
+
+# The in-process tier: the modules marked `inprocess` (no server, no engine process), in well under a minute.
+test-fast: setup
+	$(PYTEST) -m inprocess tests; $(NO_TESTS_FAILS)
 
 clean:
 	rm -rf $(VENV)

@@ -10,44 +10,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from gunicorn_llm.engines.base import ChoiceUpdate, Engine, GenerationStream
+from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream
 from gunicorn_llm.engines.generation import TextGeneration, _ChoiceText
 from gunicorn_llm.request_schema import SamplingParams
+from scripted_engine import ScriptedEngine
 
-
-class ScriptedEngine(Engine):
-    """Publishes fixed token lists, one token per update, as soon as a generation starts; `finish=None` leaves the
-    choices running (the engine would go on generating until told to stop)."""
-
-    model_name = "scripted"
-    max_model_len = 1024
-
-    def __init__(self, tokenizer, script: list[list[int]], finish: str | None = "length", stream_interval: int = 1):
-        self.tokenizer = tokenizer
-        self.stream_interval = stream_interval
-        self.eos_token_ids = (tokenizer.eos_token_id,)
-        self.script = script
-        self.finish = finish
-        self.aborted = 0
-        self.streams: list[GenerationStream] = []
-
-    def start(self, prompt_ids, params):
-        stream = GenerationStream(params.n, abort=self._abort, interval=self.stream_interval)
-        self.streams.append(stream)
-        for choice, tokens in enumerate(self.script):
-            for position, token in enumerate(tokens):
-                last = position == len(tokens) - 1
-                stream.publish(ChoiceUpdate(choice, [token], None, self.finish if last else None))
-        return stream
-
-    def _abort(self):
-        self.aborted += 1
-
-    def prompt_logprobs(self, prompts, top=0):
-        raise NotImplementedError
-
-    def running(self):
-        return 0
+pytestmark = pytest.mark.inprocess
 
 
 @pytest.fixture(scope="module")

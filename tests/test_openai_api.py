@@ -386,24 +386,3 @@ def test_tokenizer_info_gives_harnesses_the_special_tokens_and_chat_template(ser
     assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
     assert info["chat_template"] == tokenizer.chat_template
     assert info["tokenizer_class"] and "vocab_file" not in info
-
-
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/tokenize", {}, "prompt"),
-    ("/tokenize", {"prompt": 7}, "prompt"),
-    ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
-    ("/tokenize", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate: JSON carries it, no tokenizer takes it
-    ("/tokenize", {"messages": []}, "messages"),
-    ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-    ("/tokenize", {"messages": QUESTION, "continue_final_message": True}, None),  # and the generation prompt
-    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content"),
-    ("/tokenize", ["not", "an", "object"], None),
-    ("/detokenize", {"tokens": [1, -1]}, "tokens.1"),
-    ("/detokenize", {"tokens": [10**9]}, "tokens"),
-    ("/detokenize", {"tokens": "1 2"}, "tokens"),
-])
-def test_tokenizer_routes_refuse_bad_input_naming_the_field(server, path, body, param):
-    response = requests.post(server.url + path, json=body, timeout=HTTP_TIMEOUT)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param, error

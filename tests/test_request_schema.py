@@ -7,6 +7,8 @@ from pydantic import ValidationError
 
 from gunicorn_llm.request_schema import RequestError, SamplingParams, parse_infer_request
 
+pytestmark = pytest.mark.inprocess
+
 # vLLM's SamplingParams defaults (vllm.SamplingParams signature, e.g. v0.8.3) for every field this server knows.
 VLLM_DEFAULTS = {
     "n": 1,

@@ -1,0 +1,48 @@
+"""An engine that publishes fixed token lists instead of running a model: the in-process tests' stand-in.
+
+It implements the engine interface (engines/base.py) with the embedded model's tokenizer, so everything above the
+engines (text, stop strings, routes, error shapes, SSE frames, guards) runs for real over it, in the test's own
+process, without a model or a server.
+"""
+
+from __future__ import annotations
+
+from gunicorn_llm.engines.base import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
+
+
+class ScriptedEngine(Engine):
+    """Publishes fixed token lists, one token per update, as soon as a generation starts; `finish=None` leaves the
+    choices running (the engine would go on generating until told to stop). Prompt scoring gives every token the
+    same log-probability, `SCORED_LOGPROB`."""
+
+    model_name = "scripted"
+    max_model_len = 1024
+    SCORED_LOGPROB = -1.5
+
+    def __init__(self, tokenizer, script: list[list[int]], finish: str | None = "length", stream_interval: int = 1):
+        self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
+        self.eos_token_ids = (tokenizer.eos_token_id,)
+        self.script = script
+        self.finish = finish
+        self.aborted = 0
+        self.streams: list[GenerationStream] = []
+
+    def start(self, prompt_ids, params):
+        stream = GenerationStream(params.n, abort=self._abort, interval=self.stream_interval)
+        self.streams.append(stream)
+        for choice in range(params.n):
+            tokens = self.script[choice % len(self.script)]
+            for position, token in enumerate(tokens):
+                last = position == len(tokens) - 1
+                stream.publish(ChoiceUpdate(choice, [token], None, self.finish if last else None))
+        return stream
+
+    def _abort(self):
+        self.aborted += 1
+
+    def prompt_logprobs(self, prompts, top=0, deadline=None):
+        return [[TokenLogprob(token, self.SCORED_LOGPROB) for token in prompt[1:]] for prompt in prompts]
+
+    def running(self):
+        return 0

@@ -1,0 +1,204 @@
+"""The HTTP contract that needs no process: Flask's test client over the app factory with a scripted engine.
+
+Error shapes, SSE frames, API keys and the request guards are decided above the engines (http/), once for both;
+here they run in the test's own process in well under a second each. What crosses a process (gunicorn, signals,
+real engines, sockets) stays in the server tests (test_server_e2e.py, test_guards.py, test_openai_api.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from gunicorn_llm.http.app import create_app
+from gunicorn_llm.settings import ServerSettings
+from scripted_engine import ScriptedEngine
+
+pytestmark = pytest.mark.inprocess
+
+KEY = "test-key-1"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ANSWER = " one two three"
+QUESTION = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir):
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def scripted_client(tokenizer, **settings):
+    """A test client of an app serving the scripted engine, once its engine is loaded; `settings` by variable."""
+    engine = ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]])
+    app = create_app(lambda: engine, ServerSettings(**settings))
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the scripted engine did not load"
+        time.sleep(0.01)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(tokenizer):
+    return scripted_client(tokenizer, MAX_INSTANCES=4)
+
+
+@pytest.fixture(scope="module")
+def guarded(tokenizer, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# accepted keys\n{KEY}\n\nanother-key\n")
+    return scripted_client(tokenizer, API_KEY_FILE=str(keys), MAX_BODY_BYTES=4096, MAX_INSTANCES=4)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.get_json()["error"]
+
+
+# -- request validation: a 400 that names the field ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"instances": ["hi"], "params": {"temperature": "hot"}}, "params.temperature"),
+    ({"instances": ["hi"], "params": {"top_p": 1.5}}, "params.top_p"),
+    ({"instances": []}, "instances"),
+    ({"params": {}}, "instances"),
+])
+def test_bad_infer_requests_get_a_400_naming_the_field(client, body, param):
+    error = error_of(client.post("/infer", json=body), 400)
+    assert error["param"] == param and param in error["message"]
+
+
+@pytest.mark.parametrize("route", ["/infer", "/v1/completions", "/v1/chat/completions"])
+def test_malformed_json_is_a_400_in_the_one_error_shape(client, route):
+    error = error_of(client.post(route, data=b'{"instances": [', content_type="application/json"), 400)
+    assert error["code"] == 400 and error["type"] == "invalid_request_error" and "malformed JSON" in error["message"]
+
+
+def test_generate_refuses_a_stream_flag_that_is_not_a_boolean(client):
+    assert error_of(client.post("/generate", json={"prompt": "Hi", "stream": "yes"}), 400)["param"] == "stream"
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/completions", {"model": "no-such-model", "prompt": "Hi"}, "model"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"messages": QUESTION, "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "max_tokens"),
+])
+def test_openai_routes_refuse_in_openais_error_shape(client, route, body, param):
+    response = client.post(route, json=body)
+    error = error_of(response, 404 if param == "model" else 400)
+    assert error["param"] == param
+    assert error["type"] == ("not_found_error" if param == "model" else "invalid_request_error")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": 7}, "prompt"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate: JSON carries it, no tokenizer takes it
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("/tokenize", {"messages": QUESTION, "continue_final_message": True}, None),  # and the generation prompt
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content"),
+    ("/tokenize", ["not", "an", "object"], None),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens.1"),
+    ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens"),
+])
+def test_tokenizer_routes_refuse_bad_input_naming_the_field(client, path, body, param):
+    error = error_of(client.post(path, json=body), 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def test_too_many_prompts_in_one_request(client):
+    error = error_of(client.post("/infer", json={"instances": list("abcde"), "params": {"max_tokens": 1}}), 400)
+    assert "at most 4" in error["message"]
+
+
+def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(client):
+    error = error_of(client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 2000}), 400)
+    assert error["param"] == "max_tokens" and "2000" in error["message"]
+    assert str(ScriptedEngine.max_model_len) in error["message"]
+
+
+def test_deeply_nested_json_is_refused_cleanly(client):
+    response = client.post("/infer", data="[" * 2000 + "]" * 2000, content_type="application/json")
+    assert error_of(response, 400)["code"] == 400
+
+
+# -- response shapes ----------------------------------------------------------------------------------------------
+
+
+def sse_events(response) -> list[bytes]:
+    return [line for line in response.get_data().split(b"\n") if line]
+
+
+def test_a_streamed_completion_is_sse_frames_ending_with_usage_and_done(client):
+    response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    events = sse_events(response)
+    assert all(event.startswith(b"data: ") for event in events)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+    assert all(chunk["object"] == "text_completion" for chunk in chunks)
+    assert "".join(choice["text"] for chunk in chunks for choice in chunk["choices"]) == ANSWER
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_streamed_chat_starts_with_the_role_and_ends_with_a_finish_reason(client):
+    response = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3, "stream": True})
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in sse_events(response)[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == ANSWER
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_infer_answers_a_bare_list_in_order(client):
+    response = client.post("/infer", json={"instances": ["a", "b"], "params": {"max_tokens": 3}})
+    assert response.get_json() == [ANSWER, ANSWER]
+
+
+def test_every_response_names_its_worker_and_request(client):
+    response = client.get("/health")
+    assert response.headers["X-Worker-Pid"].isdigit() and response.headers["X-Request-Id"]
+
+
+# -- API keys and the body limit ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/infer", {"instances": ["Hi"], "params": {"max_tokens": 1}}),
+    ("/generate", {"prompt": "Hi", "max_tokens": 1}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1}),
+    ("/vllm-url-infer", {"instances": ["Hi"], "params": {"max_tokens": 1}}),
+    ("/tokenize", {"prompt": "Hi"}),
+    ("/detokenize", {"tokens": [1]}),
+])
+def test_generation_and_tokenizer_routes_need_a_key(guarded, path, body):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        response = guarded.post(path, json=body, headers=headers)
+        assert error_of(response, 401)["type"] == "authentication_error"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert guarded.post(path, json=body, headers=AUTH).status_code == 200
+    assert guarded.post(path, json=body, headers={"Authorization": "Bearer another-key"}).status_code == 200
+
+
+def test_tokenizer_info_needs_a_key(guarded):
+    assert guarded.get("/tokenizer_info").status_code == 401
+    assert guarded.get("/tokenizer_info", headers=AUTH).status_code == 200
+
+
+def test_health_and_readiness_stay_open_by_default(guarded):
+    for path in ("/health", "/ready"):
+        assert guarded.get(path).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413(guarded):
+    assert error_of(guarded.post("/infer", json={"instances": ["x" * 5000]}, headers=AUTH), 413)["code"] == 413
