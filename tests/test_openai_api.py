@@ -386,3 +386,54 @@ def test_tokenizer_info_gives_harnesses_the_special_tokens_and_chat_template(ser
     assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
     assert info["chat_template"] == tokenizer.chat_template
     assert info["tokenizer_class"] and "vocab_file" not in info
+
+
+# -- 10. no request field silently ignored ------------------------------------------------------------------------
+
+ROUTE_BODIES = {
+    "/v1/completions": ({"prompt": PROMPT, "max_tokens": 1}, "vllm.entrypoints.openai.completion.protocol",
+                        "CompletionRequest"),
+    "/v1/chat/completions": ({"messages": QUESTION, "max_tokens": 1},
+                             "vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+}
+
+
+def asks_for_something(no_ops: tuple):
+    """A value of an unhonoured field that is none of its no-op values (its type is what a client would send)."""
+    for no_op in no_ops:
+        if isinstance(no_op, bool):
+            return not no_op
+        if isinstance(no_op, (int, float)):
+            return no_op + 1
+        if isinstance(no_op, (list, dict)):
+            return ["word"] if isinstance(no_op, list) else {"type": "json_object"}
+        if isinstance(no_op, str):
+            return "auto"
+    return "anything"
+
+
+@pytest.mark.parametrize("route", ROUTE_BODIES)
+def test_every_field_of_vllms_request_models_is_honoured_or_refused_with_a_400_naming_it(server, route):
+    import importlib
+
+    from gunicorn_llm.http.openai_api import ChatCompletionRequest, CompletionRequest
+    from gunicorn_llm.http.unhonoured_fields import UNHONOURED
+
+    body, module, name = ROUTE_BODIES[route]
+    honoured = (CompletionRequest if route == "/v1/completions" else ChatCompletionRequest).model_fields
+    vllm_fields = getattr(importlib.import_module(module), name).model_fields
+    assert set(vllm_fields) - set(honoured) - set(UNHONOURED[route]) == set(), "vLLM fields neither honoured nor refused"
+
+    for field, rule in UNHONOURED[route].items():
+        value = asks_for_something(rule.no_op)
+        response = requests.post(server.url + route, json={**body, field: value}, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 400, (field, value, response.text)
+        error = response.json()["error"]
+        assert error["param"] == field and field in error["message"] and rule.why in error["message"]
+    # Spelling out what asks for nothing is answered: every field at once, at its first no-op value, then its others.
+    for which in range(max(len(rule.no_op) for rule in UNHONOURED[route].values())):
+        no_ops = {field: rule.no_op[which] for field, rule in UNHONOURED[route].items() if which < len(rule.no_op)}
+        response = requests.post(server.url + route, json={**body, **no_ops}, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, (no_ops, response.text)
+    assert f"ignoring unknown key {next(iter(UNHONOURED[route]))!r}" not in server.log()
+    assert running(server) == 0

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from gunicorn_llm.engines.base import DeadlineExceeded, Engine
 from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.http.unhonoured_fields import UNHONOURED, refuse_unhonoured
 from gunicorn_llm.ops.metrics import RequestStats
 from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error
 
@@ -108,15 +109,18 @@ def read_json_body():
 
 
 def parse_body(model: type[RequestModel], body: Any, route: str) -> RequestModel:
-    """A JSON object validated as `model` (which allows extra keys): keys it does not know are ignored, as vLLM's
-    server does, with a warning."""
+    """A JSON object validated as `model` (which allows extra keys): a field OpenAI or vLLM defines that this server
+    does not honour is refused (unhonoured_fields.py); other keys it does not know are ignored, as vLLM's server
+    does, with a warning."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     try:
         parsed = model.model_validate(body)
     except ValidationError as error:
         raise as_request_error(error) from None
-    warn_ignored_keys(route, list(parsed.model_extra or ()))
+    extra = parsed.model_extra or {}
+    refuse_unhonoured(route, extra)
+    warn_ignored_keys(route, [key for key in extra if key not in UNHONOURED.get(route, {})])
     return parsed
 
 
@@ -127,9 +131,10 @@ def warn_ignored_keys(route: str, keys: list[str]) -> None:
         _warned_keys.add(key)
 
 
-def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParams) -> list[int]:
+def encode_prompt(engine: Engine, prompt: str | list[int], params: SamplingParams,
+                  add_special_tokens: bool = True) -> list[int]:
     """The prompt's token ids (a list of ids is taken as is), refused when it and `max_tokens` exceed the context."""
-    ids = list(prompt) if isinstance(prompt, list) else encode_text(engine, prompt)
+    ids = list(prompt) if isinstance(prompt, list) else encode_text(engine, prompt, add_special_tokens)
     if not ids:
         raise RequestError("the prompt is empty", "prompt")
     check_token_ids(engine, ids, "prompt")

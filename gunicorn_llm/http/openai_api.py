@@ -4,7 +4,8 @@ Requests are validated with pydantic into the same `SamplingParams` every route 
 same `TextGeneration` (engines/generation.py), so answers, stop strings and cancellation behave as on `/infer`. With
 `stream: true` the answer is server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk. A client that disconnects mid-stream cancels its generation.
-Keys the server does not know are ignored with a warning, as vLLM's server does.
+Fields of OpenAI's and vLLM's requests that the server does not honour are refused with a 400 naming them
+(unhonoured_fields.py); other keys the server does not know are ignored with a warning, as vLLM's server does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 from typing import Any, Iterator, Literal
 
 from flask import Blueprint, Response, jsonify, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
 from gunicorn_llm.engines.generation import TextGeneration
@@ -69,10 +70,12 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     user: str | None = None  # accepted, unused
+    request_id: str | None = Field(None, min_length=1, description="the answer's id (after its prefix)")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    add_special_tokens: bool = True  # when a text prompt is tokenized
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -110,12 +113,50 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingFields):
+# What the chat template may not be handed through `chat_template_kwargs`: the arguments the server sets itself.
+_RESERVED_TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt",
+                                          "continue_final_message", "documents", "tools", "chat_template",
+                                          "return_dict", "return_tensors"})
+
+
+class ChatTemplateControls(BaseModel):
+    """How a conversation goes through the model's chat template (vLLM's fields, on /v1/chat/completions and
+    /tokenize alike)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="end with the template's opening of an assistant turn")
+    continue_final_message: bool = Field(False, description="leave the last message open, to be continued; not "
+                                                            "with add_generation_prompt")
+    add_special_tokens: bool = Field(False, description="add special tokens on top of those the template writes")
+    documents: list[dict[str, Any]] | None = Field(None, description="documents for templates that render them "
+                                                                     "(retrieval-augmented generation)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="further variables for the template, "
+                                                                          "e.g. enable_thinking")
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_arguments(cls, value):
+        reserved = sorted(set(value or ()) & _RESERVED_TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set through chat_template_kwargs")
+        return value
+
+
+class ChatCompletionRequest(ChatTemplateControls, _SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted, and true to their meaning here: no reasoning parser, so no reasoning is split out to include or drop;
+    # no tools are accepted, so no tool calls to run in parallel.
+    include_reasoning: bool = True
+    parallel_tool_calls: bool = True
 
 
 def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -150,11 +191,11 @@ def completions():
     check_model_name(engine, request.model)
     params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
     check_prompt_count(len(request.prompts()))
-    prompts = [encode_prompt(engine, prompt, params) for prompt in request.prompts()]
+    prompts = [encode_prompt(engine, prompt, params, request.add_special_tokens) for prompt in request.prompts()]
     admit()
     echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
     generations = [start_generation(engine, ids, params) for ids in prompts]
-    answer = _Answer("cmpl", "text_completion", engine, params)
+    answer = _Answer("cmpl", "text_completion", engine, params, request.request_id)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         events = _completion_events(answer, prompts, generations, echoed, include_usage)
@@ -247,7 +288,7 @@ def chat_completions():
     request = parse_body(ChatCompletionRequest, read_json_body(), "/v1/chat/completions")
     engine = current_engine()
     check_model_name(engine, request.model)
-    prompt = chat_prompt_ids(engine, request.messages)
+    prompt = chat_prompt_ids(engine, request)
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     # Without a limit, the answer may fill what the context leaves after the prompt.
@@ -256,7 +297,7 @@ def chat_completions():
     prompt_ids = encode_prompt(engine, prompt, params)
     admit()
     generation = start_generation(engine, prompt_ids, params)
-    answer = _Answer("chatcmpl", "chat.completion", engine, params)
+    answer = _Answer("chatcmpl", "chat.completion", engine, params, request.request_id)
     answer.prompt_tokens = len(prompt_ids)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -273,17 +314,18 @@ def chat_completions():
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
 
 
-def chat_prompt_ids(engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
-    """The messages through the model's chat template, tokenized (also /tokenize's, with vLLM's options)."""
-    conversation = [{"role": message.role, "content": message.text()} for message in messages]
+def chat_prompt_ids(engine: Engine, request: ChatTemplateControls) -> list[int]:
+    """The request's messages through the model's chat template, tokenized (also /tokenize's)."""
+    conversation = [{"role": message.role, "content": message.text()} for message in request.messages]
     try:
-        text = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                    continue_final_message=continue_final_message, tokenize=False)
+        text = engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message, documents=request.documents, tokenize=False,
+            **(request.chat_template_kwargs or {}))
     except Exception as error:  # noqa: BLE001 - a template that refuses this conversation is the client's problem
         raise RequestError(f"the model's chat template rejected the messages: {error}", "messages") from None
     # By default the template alone writes the special tokens it wants.
-    return encode_text(engine, text, add_special_tokens, "messages")
+    return encode_text(engine, text, request.add_special_tokens, "messages")
 
 
 def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
@@ -319,8 +361,8 @@ def _chat_events(answer, generation: TextGeneration, include_usage: bool) -> Ite
 class _Answer:
     """The id, timestamps and token counts one response carries in every chunk."""
 
-    def __init__(self, prefix: str, kind: str, engine: Engine, params: SamplingParams):
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+    def __init__(self, prefix: str, kind: str, engine: Engine, params: SamplingParams, request_id: str | None):
+        self.id = f"{prefix}-{request_id or uuid.uuid4().hex}"
         self.kind = kind
         self.created = int(time.time())
         self.engine = engine

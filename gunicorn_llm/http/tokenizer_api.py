@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from gunicorn_llm.http.common import (
     check_model_name,
@@ -20,7 +20,7 @@ from gunicorn_llm.http.common import (
     parse_body,
     read_json_body,
 )
-from gunicorn_llm.http.openai_api import ChatMessage, chat_prompt_ids
+from gunicorn_llm.http.openai_api import ChatTemplateControls, chat_prompt_ids
 
 tokenizer_api = Blueprint("tokenizer", __name__)
 
@@ -39,21 +39,10 @@ class TokenizeCompletionRequest(_TokenizerRequest):
     return_token_strs: bool | None = Field(False, description="also answer the tokens as strings (`token_strs`)")
 
 
-class TokenizeChatRequest(_TokenizerRequest):
+class TokenizeChatRequest(ChatTemplateControls, _TokenizerRequest):
     """`POST /tokenize` of a conversation, through the model's chat template as `/v1/chat/completions` renders it."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = Field(True, description="end with the template's opening of an assistant turn")
-    continue_final_message: bool = Field(False, description="leave the last message open, to be continued; not "
-                                                            "with add_generation_prompt")
-    add_special_tokens: bool = Field(False, description="add special tokens on top of those the template writes")
     return_token_strs: bool | None = Field(False, description="also answer the tokens as strings (`token_strs`)")
-
-    @model_validator(mode="after")
-    def _one_ending(self) -> TokenizeChatRequest:
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        return self
 
 
 class DetokenizeRequest(_TokenizerRequest):
@@ -69,8 +58,7 @@ def tokenize():
     engine = current_engine()
     check_model_name(engine, request.model)
     if chat:
-        ids = chat_prompt_ids(engine, request.messages, request.add_generation_prompt,
-                              request.continue_final_message, request.add_special_tokens)
+        ids = chat_prompt_ids(engine, request)
     else:
         ids = encode_text(engine, request.prompt, request.add_special_tokens)
     token_strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None

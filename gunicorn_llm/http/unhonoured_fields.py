@@ -1,0 +1,107 @@
+"""The OpenAI and vLLM request fields this server does not honour yet: a request that sets one gets a 400 naming it.
+
+An OpenAI-compatible server that accepts such a field and answers 200 without acting on it misleads its client
+(an evaluation then scores an unconstrained answer as if it were constrained, a tool call that never came as plain
+text). So each field of vLLM's request models that the routes do not implement is listed here with the values that
+change nothing (sent by clients that spell out defaults) and why it is refused. Keys that neither OpenAI nor vLLM
+define keep vLLM's behaviour: ignored with a warning (http/common.py). tests/test_http_inprocess.py checks that every
+field of vLLM's installed request models is either honoured by the routes' models or listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gunicorn_llm.request_schema import RequestError
+
+
+@dataclass(frozen=True)
+class Unhonoured:
+    why: str
+    no_op: tuple = (None,)  # values that ask for nothing (the field's default), accepted
+
+
+_STRUCTURED = "structured outputs are not supported by this server yet"
+_TOOLS = "function calling is not supported by this server yet"
+_SAMPLING = "this sampling control is not supported by this server yet"
+_MULTIMODAL = "this server serves text models only"
+_VLLM_INTERNAL = "this vLLM extension is not supported by this server"
+
+# Fields of both /v1/completions and /v1/chat/completions.
+_SHARED = {
+    "response_format": Unhonoured(_STRUCTURED, (None, {"type": "text"})),
+    "structured_outputs": Unhonoured(_STRUCTURED),
+    "guided_json": Unhonoured(_STRUCTURED),
+    "guided_regex": Unhonoured(_STRUCTURED),
+    "guided_choice": Unhonoured(_STRUCTURED),
+    "guided_grammar": Unhonoured(_STRUCTURED),
+    "logit_bias": Unhonoured(_SAMPLING, (None, {})),
+    "allowed_token_ids": Unhonoured(_SAMPLING),
+    "bad_words": Unhonoured(_SAMPLING, (None, [])),
+    "min_tokens": Unhonoured(_SAMPLING, (None, 0)),
+    "use_beam_search": Unhonoured("beam search is not supported (vLLM's server has deprecated it too)", (None, False)),
+    "length_penalty": Unhonoured("length_penalty applies to beam search only, which is not supported",
+                                 (None, 1, 1.0)),
+    "watermarking": Unhonoured(_SAMPLING),
+    "repetition_detection": Unhonoured(_SAMPLING),
+    "logprob_token_ids": Unhonoured("log-probabilities of chosen token ids are not supported yet"),
+    "prompt_logprobs": Unhonoured("prompt_logprobs is not supported yet; use echo with logprobs"),
+    "include_stop_str_in_output": Unhonoured("stop strings are always left out of the text here", (None, False)),
+    "spaces_between_special_tokens": Unhonoured("special tokens are always decoded with spaces between them here",
+                                                (None, True)),
+    "truncate_prompt_tokens": Unhonoured("prompts are never truncated here: a prompt too long is refused"),
+    "truncation_side": Unhonoured("prompts are never truncated here: a prompt too long is refused"),
+    "priority": Unhonoured("request priorities are not supported: requests are served in arrival order", (None, 0)),
+    "stream_interval": Unhonoured("the stream interval is a server setting here (--stream-interval)"),
+    "thinking_token_budget": Unhonoured("reasoning controls are not supported by this server yet"),
+    "return_tokens_as_token_ids": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "return_token_ids": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "return_token_offsets": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "routed_experts_prompt_start": Unhonoured(_VLLM_INTERNAL, (None, 0)),
+    "session_id": Unhonoured(_VLLM_INTERNAL),
+    "cache_salt": Unhonoured(_VLLM_INTERNAL),
+    "kv_transfer_params": Unhonoured(_VLLM_INTERNAL),
+    "ec_transfer_params": Unhonoured(_VLLM_INTERNAL),
+    "vllm_xargs": Unhonoured(_VLLM_INTERNAL),
+    "mm_payload": Unhonoured(_MULTIMODAL, (None, "tensors")),
+    "return_mm_kwargs": Unhonoured(_MULTIMODAL, (None, False)),
+}
+
+UNHONOURED: dict[str, dict[str, Unhonoured]] = {
+    "/v1/completions": {
+        **_SHARED,
+        "suffix": Unhonoured("insertion (a suffix after the completion) is not supported"),
+        "prompt_embeds": Unhonoured("prompts are text or token ids here, not embeddings"),
+        "best_of": Unhonoured("best_of is not supported; use n", (None, 1)),
+    },
+    "/v1/chat/completions": {
+        **_SHARED,
+        "tools": Unhonoured(_TOOLS, (None, [])),
+        "tool_choice": Unhonoured(_TOOLS, (None, "none")),
+        "functions": Unhonoured(_TOOLS, (None, [])),
+        "function_call": Unhonoured(_TOOLS, (None, "none")),
+        "reasoning_effort": Unhonoured("reasoning controls are not supported by this server yet"),
+        "chat_template": Unhonoured("a per-request chat template is not accepted (nor by vLLM's server by default); "
+                                    "start the server with the model's template"),
+        "echo": Unhonoured("echoing the last message is not supported on chat completions", (None, False)),
+        "media_io_kwargs": Unhonoured(_MULTIMODAL),
+        "mm_processor_kwargs": Unhonoured(_MULTIMODAL),
+        "return_prompt_text": Unhonoured(_VLLM_INTERNAL, (None, False)),
+        "audio": Unhonoured(_MULTIMODAL),
+        "modalities": Unhonoured(_MULTIMODAL, (None, ["text"])),
+        "prediction": Unhonoured("predicted outputs are not supported"),
+        "web_search_options": Unhonoured("web search is not supported"),
+    },
+}
+
+
+def refuse_unhonoured(route: str, extra: dict[str, Any]) -> None:
+    """400 for the first field of `extra` (keys the route's model does not define) that this server does not honour
+    and that asks for something."""
+    unhonoured = UNHONOURED.get(route, {})
+    for key, value in extra.items():
+        rule = unhonoured.get(key)
+        # The type too: `true` is no 1, `0.0` no 0 (and a no-op of None stands for a field left null).
+        if rule is not None and not any(type(value) is type(no_op) and value == no_op for no_op in rule.no_op):
+            raise RequestError(f"`{key}` is not honoured by this server: {rule.why}", key)
