@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gunicorn_llm"
 # the package's layers, lowest first; a module may import its own layer and those ranked below it
-RANK = {"settings": 0, "request_schema": 0, "ops": 1, "engines": 2, "http": 3, "preflight": 3}
+RANK = {"settings": 0, "request_schema": 0, "ops": 1, "engines": 2, "http": 3, "preflight": 3, "launcher_options": 3}
 
 
 def layer(module: str) -> str:
