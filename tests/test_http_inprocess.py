@@ -202,3 +202,62 @@ def test_health_and_readiness_stay_open_by_default(guarded):
 
 def test_a_body_over_the_limit_is_413(guarded):
     assert error_of(guarded.post("/infer", json={"instances": ["x" * 5000]}, headers=AUTH), 413)["code"] == 413
+
+
+# -- chat-template controls ---------------------------------------------------------------------------------------
+
+# A template that shows what reached it: the flag a reasoning model's template reads, the documents, the ending.
+PROBE_TEMPLATE = (
+    "{% if enable_thinking %}<think>{% endif %}{% for document in documents or [] %}[{{ document.text }}]{% endfor %}"
+    "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def probe_client(embedded_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.chat_template = PROBE_TEMPLATE
+    return scripted_client(tokenizer), tokenizer
+
+
+@pytest.mark.parametrize(("controls", "rendered"), [
+    ({}, "user: Hi\nassistant:"),
+    ({"chat_template_kwargs": {"enable_thinking": True}}, "<think>user: Hi\nassistant:"),
+    ({"documents": [{"text": "Paris is in France."}]}, "[Paris is in France.]user: Hi\nassistant:"),
+    ({"add_generation_prompt": False}, "user: Hi\n"),
+])
+def test_chat_template_controls_reach_the_template(probe_client, controls, rendered):
+    client, tokenizer = probe_client
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert client.post("/tokenize", json={"messages": QUESTION, **controls}).get_json()["tokens"] == expected
+    answer = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3, **controls})
+    assert answer.get_json()["usage"]["prompt_tokens"] == len(expected)
+
+
+@pytest.mark.parametrize(("controls", "param"), [
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
+    ({"continue_final_message": True}, None),  # with the default add_generation_prompt
+    ({"documents": "Paris"}, "documents"),
+])
+def test_chat_template_controls_that_cannot_apply_are_400s(client, controls, param):
+    error = error_of(client.post("/v1/chat/completions", json={"messages": QUESTION, **controls}), 400)
+    assert error["param"] == param, error
+
+
+def test_a_request_id_becomes_the_answers_id(client):
+    answer = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "request_id": "eval-7"})
+    assert answer.get_json()["id"] == "cmpl-eval-7"
+
+
+@pytest.mark.parametrize(("route", "body", "field"), [
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"50256": -100}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+])
+def test_a_field_the_server_does_not_honour_is_a_400_naming_it_not_a_silent_200(client, route, body, field):
+    error = error_of(client.post(route, json=body), 400)
+    assert error["param"] == field and "not honoured" in error["message"]

@@ -9,6 +9,8 @@ import pytest
 from gunicorn_llm.launcher_options import documented_sections, markdown_files, markdown_table, refresh_tables
 from gunicorn_llm.settings import declared_settings
 
+pytestmark = pytest.mark.inprocess
+
 REGENERATE = "python -m gunicorn_llm.launcher_options docs"
 
 
