@@ -261,3 +261,22 @@ def test_a_request_id_becomes_the_answers_id(client):
 def test_a_field_the_server_does_not_honour_is_a_400_naming_it_not_a_silent_200(client, route, body, field):
     error = error_of(client.post(route, json=body), 400)
     assert error["param"] == field and "not honoured" in error["message"]
+
+
+def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(client, tokenizer):
+    prompt_ids = tokenizer("Hello there", add_special_tokens=True)["input_ids"]
+    body = {"prompt": "Hello there", "max_tokens": 0, "echo": True, "logprobs": 0}
+    answer = client.post("/v1/completions", json=body).get_json()
+    choice = answer["choices"][0]
+    assert choice["text"] == "Hello there" and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["token_logprobs"] == [None] + [ScriptedEngine.SCORED_LOGPROB] * (len(prompt_ids) - 1)
+    assert answer["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
+                               "total_tokens": len(prompt_ids)}
+    chunks = [json.loads(event.removeprefix(b"data: "))
+              for event in sse_events(client.post("/v1/completions", json={**body, "stream": True}))[:-1]]
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == "Hello there"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_tokens_0_without_echo_is_a_400(client):
+    assert error_of(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0}), 400)["param"] == "max_tokens"

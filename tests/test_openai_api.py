@@ -191,6 +191,19 @@ def test_echo_prepends_the_prompt(client, greedy16):
     assert answer.choices[0].text == PROMPT + greedy16
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_as_with_a_generated_token(client):
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    with_token = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, echo=True,
+                                           logprobs=1)
+    choice, reference = scored.choices[0], with_token.choices[0]
+    assert choice.text == PROMPT and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    prompt_tokens = scored.usage.prompt_tokens
+    assert choice.logprobs.tokens == reference.logprobs.tokens[:prompt_tokens]
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(reference.logprobs.token_logprobs[1:prompt_tokens],
+                                                               abs=1e-4)
+
+
 # -- 6. errors in OpenAI's shape ---------------------------------------------------------------------------------
 
 

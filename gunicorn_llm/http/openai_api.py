@@ -20,7 +20,7 @@ from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
-from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGeneration
 from gunicorn_llm.http.common import (
     check_model_name,
     check_prompt_count,
@@ -189,12 +189,21 @@ def completions():
     request = parse_body(CompletionRequest, read_json_body(), "/v1/completions")
     engine = current_engine()
     check_model_name(engine, request.model)
-    params = _sampling_params(request, request.max_tokens if request.max_tokens is not None else 16, request.logprobs)
+    # vLLM's way to score a prompt without generating: echo it (with its logprobs) and ask for no tokens.
+    prompt_only = request.max_tokens == 0
+    if prompt_only and not request.echo:
+        raise RequestError("max_tokens 0 generates nothing: it is for scoring a prompt, with echo (and logprobs)",
+                           "max_tokens")
+    max_tokens = 16 if request.max_tokens is None else request.max_tokens
+    params = _sampling_params(request, 1 if prompt_only else max_tokens, request.logprobs)
     check_prompt_count(len(request.prompts()))
     prompts = [encode_prompt(engine, prompt, params, request.add_special_tokens) for prompt in request.prompts()]
     admit()
     echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
-    generations = [start_generation(engine, ids, params) for ids in prompts]
+    if prompt_only:
+        generations = [_NothingGenerated(params.n) for _ in prompts]
+    else:
+        generations = [start_generation(engine, ids, params) for ids in prompts]
     answer = _Answer("cmpl", "text_completion", engine, params, request.request_id)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -218,6 +227,22 @@ def completions():
             answer.completion_tokens += len(result.token_ids)
     answer.prompt_tokens = sum(len(ids) for ids in prompts)
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
+
+
+class _NothingGenerated:
+    """The generation of a prompt-only request (max_tokens 0): every choice ends at once, with no token."""
+
+    def __init__(self, choices: int):
+        self.choices = choices
+
+    def __iter__(self) -> Iterator[TextDelta]:
+        return iter([TextDelta(choice, "", [], None, "length") for choice in range(self.choices)])
+
+    def collect(self) -> list[ChoiceResult]:
+        return [ChoiceResult(finish_reason="length") for _ in range(self.choices)]
+
+    def cancel(self) -> None:
+        pass
 
 
 def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, dict | None]:
