@@ -89,7 +89,8 @@ def _checked_state(state_dir: StateDir, request: UpRequest) -> ClusterState:
     if not 1 <= servers <= len(nodes):
         raise ClusterError(f"--servers {servers}: between 1 and the {len(nodes)} node(s) given")
     _check_listen(request.proxy.listen, request.port, list(by_address))
-    sbatch_options = [*request.sbatch_options, *([f"--reservation={request.reservation}"] if request.reservation else [])]
+    reservation = [f"--reservation={request.reservation}"] if request.reservation else []
+    sbatch_options = [*request.sbatch_options, *reservation]
     return ClusterState(
         nodes=[NodeRecord(node.name, node.address, node.gpus if request.gpus_per_node is None
                           else request.gpus_per_node) for node in nodes],

@@ -63,7 +63,7 @@ class LocalSlurm:
     def jobs(self) -> dict[str, str]:
         """Job id -> state, for every job Slurm lists (ended ones included)."""
         lines = self.run("squeue", "--noheader", "--states=all", "--format=%i %T").split()
-        return dict(zip(lines[::2], lines[1::2]))
+        return dict(zip(lines[::2], lines[1::2], strict=False))
 
     def live_jobs(self) -> dict[str, str]:
         return {job: state for job, state in self.jobs().items()

@@ -379,7 +379,8 @@ def test_with_a_free_node_a_recycle_starts_the_replacement_before_draining(slurm
     listen, port = f"127.0.0.1:{free_port()}", free_port()
     up = cluster_command(slurm, tmp_path, "up", "--reservation", "serving", "--servers", "1", "--time", "2",
                          "--bind", "node", "--port", str(port), "--listen", listen, "--interval", "1",
-                         "--start-timeout", str(START_TIMEOUT_S), "--", *LAUNCHER_OPTIONS, timeout_s=START_TIMEOUT_S + 60)
+                         "--start-timeout", str(START_TIMEOUT_S), "--", *LAUNCHER_OPTIONS,
+                         timeout_s=START_TIMEOUT_S + 60)
     assert up.returncode == 0, up.stdout + up.stderr
     cluster = Cluster(slurm, tmp_path, listen, port)
     try:

@@ -69,7 +69,8 @@ class Worker:
 
     def __init__(self, state_file: Path, server_pid: int, gpu_ids: str, per_slice: int, holders: int):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_SCRIPT, str(state_file), gpu_ids, str(per_slice), str(holders), str(server_pid)],
+            [sys.executable, "-c", WORKER_SCRIPT, str(state_file), gpu_ids, str(per_slice), str(holders),
+             str(server_pid)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -252,7 +253,7 @@ def test_competing_workers_never_overfill_a_slice(spawn_workers, state_file, hol
 
     replies = acquire_all(crowd)
 
-    granted = {w.pid: r["slice"] for w, r in zip(crowd, replies) if "slice" in r}
+    granted = {w.pid: r["slice"] for w, r in zip(crowd, replies, strict=True) if "slice" in r}
     refused = [r for r in replies if "error" in r]
     assert Counter(granted.values()) == {label: holders for label in ["0", "1", "2", "3"]}
     assert len(refused) == workers - 4 * holders
@@ -338,8 +339,8 @@ def test_record_of_reused_pid_counts_as_dead(spawn_server, state_file):
 
 
 def test_slice_of_a_dead_holder_stays_held_while_a_process_of_its_group_lives(state_file):
-    # A worker leads its own process group and its engine's processes join it (gunicorn_llm/ops/engine_processes.py): until the
-    # last of them ends, the slice's GPU memory is not free.
+    # A worker leads its own process group and its engine's processes join it (gunicorn_llm/ops/engine_processes.py):
+    # until the last of them ends, the slice's GPU memory is not free.
     holder = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; os.setpgid(0, 0); "
                                "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
@@ -376,7 +377,7 @@ def test_second_server_gets_only_the_free_slices(spawn_workers, spawn_server, st
     assert dispatcher.free_slice_count(server_b) == 2
     replies = acquire_all(b_workers)
 
-    granted = {w.pid: r["slice"] for w, r in zip(b_workers, replies) if "slice" in r}
+    granted = {w.pid: r["slice"] for w, r in zip(b_workers, replies, strict=True) if "slice" in r}
     (refused,) = [r["error"] for r in replies if "error" in r]
     assert sorted(granted.values()) == ["2", "3"]
     a_pids = sorted(w.pid for w in a_workers)
@@ -399,7 +400,7 @@ def test_second_server_may_not_share_a_slice_even_with_room(spawn_workers, spawn
 
     replies = acquire_all(b_workers)
 
-    granted = {w.pid: r["slice"] for w, r in zip(b_workers, replies) if "slice" in r}
+    granted = {w.pid: r["slice"] for w, r in zip(b_workers, replies, strict=True) if "slice" in r}
     (refused,) = [r["error"] for r in replies if "error" in r]
     assert granted == dict.fromkeys(granted, "1") and len(granted) == 2
     assert f"another server's workers, pids [{a_worker.pid}]" in refused

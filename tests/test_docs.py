@@ -109,7 +109,7 @@ def documented_examples(path: Path | None = None) -> list[Example]:
     found = []
     for page in [path] if path else MARKDOWN_FILES:
         lines = page.read_text(encoding="utf-8").splitlines()
-        for number, (line, below) in enumerate(zip(lines, lines[1:]), start=1):
+        for number, (line, below) in enumerate(zip(lines, lines[1:], strict=False), start=1):
             if line.startswith("curl ") and " -d " in line and below.startswith("# "):
                 words = shlex.split(line)
                 url = next(word for word in words if word.startswith("http"))

@@ -187,7 +187,7 @@ def test_kill_9_of_a_worker_under_load_many_times(server):
     assert all(r["in_flight"] > 0 for r in rounds), "a kill found no request in flight"
     assert failed, "no request was cut by the kills of a busy worker: the kills did not land mid-request"
     # Every request that started after a recovery and ended before the next kill was answered.
-    for after, before in zip(rounds, [*rounds[1:], {"killed_at": float("inf")}]):
+    for after, before in zip(rounds, [*rounds[1:], {"killed_at": float("inf")}], strict=True):
         calm = [o for o in outcomes if o.started > after["recovered_at"] and o.ended < before["killed_at"]]
         assert all(o.ok for o in calm), summary(calm)
     assert counts.get("200", 0) >= 2 * len(rounds)

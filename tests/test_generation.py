@@ -135,7 +135,8 @@ def test_collecting_without_stop_strings_holds_updates_and_with_them_does_not(to
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-@pytest.mark.parametrize("text", [" naïve café, 日本語 and 🙂🙃 emoji", "  spaces\n\n and\ttabs  ", "<|im_end|> special"])
+@pytest.mark.parametrize("text", [" naïve café, 日本語 and 🙂🙃 emoji", "  spaces\n\n and\ttabs  ",
+                                  "<|im_end|> special"])
 def test_text_decoded_token_by_token_is_the_whole_decode_and_never_shows_a_broken_character(
         tokenizer, text, skip_special_tokens):
     tokens = ids(tokenizer, text)

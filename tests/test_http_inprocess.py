@@ -279,4 +279,5 @@ def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(
 
 
 def test_max_tokens_0_without_echo_is_a_400(client):
-    assert error_of(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0}), 400)["param"] == "max_tokens"
+    response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
+    assert error_of(response, 400)["param"] == "max_tokens"

@@ -119,7 +119,7 @@ def test_local_completions_equal_the_hf_model(engine_server, task_manager, refer
     for doc, hf_scores in hf_choices["responses"].items():
         scores = choices["responses"][doc]
         assert len(scores) == len(hf_scores) == 4
-        for (loglikelihood, greedy), (hf_loglikelihood, hf_greedy) in zip(scores, hf_scores):
+        for (loglikelihood, greedy), (hf_loglikelihood, hf_greedy) in zip(scores, hf_scores, strict=True):
             assert abs(loglikelihood - hf_loglikelihood) <= LOGLIKELIHOOD_TOLERANCE, (doc, scores, hf_scores)
             assert greedy == hf_greedy, (doc, scores, hf_scores)
 

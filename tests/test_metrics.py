@@ -97,7 +97,7 @@ def test_access_line_per_request_with_the_clients_request_id(server):
     while '"eval-run-42"' not in server.log():
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    line = next(l for l in server.log().splitlines() if '"eval-run-42"' in l)
+    line = next(entry for entry in server.log().splitlines() if '"eval-run-42"' in entry)
     record = json.loads(line)
     assert record["route"] == "/infer" and record["status"] == 200
     assert record["generated_tokens"] == 3 and record["prompt_tokens"] >= 1

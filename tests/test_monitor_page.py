@@ -44,7 +44,8 @@ def chromium(profile_dir: Path):
     """Headless Chromium driven by chromedriver; a missing browser fails the test (`make test` installs it)."""
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     assert not missing, (
-        f"{', '.join(missing)} missing: run `make system-tools` as root, or `sudo apt-get install chromium chromium-driver`"
+        f"{', '.join(missing)} missing: run `make system-tools` as root, "
+        "or `sudo apt-get install chromium chromium-driver`"
     )
     options = Options()
     options.binary_location = str(CHROMIUM)

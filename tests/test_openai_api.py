@@ -169,7 +169,7 @@ def test_completion_logprobs(client, greedy16):
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == tokens == 16
     assert "".join(logprobs.tokens) == choice.text
-    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         assert chosen <= 0
         assert 1 <= len(top) <= 2 and all(value <= 0 for value in top.values())
         assert chosen == pytest.approx(max(top.values()), abs=1e-3)  # greedy: the chosen token is the likeliest
@@ -435,7 +435,8 @@ def test_every_field_of_vllms_request_models_is_honoured_or_refused_with_a_400_n
     body, module, name = ROUTE_BODIES[route]
     honoured = (CompletionRequest if route == "/v1/completions" else ChatCompletionRequest).model_fields
     vllm_fields = getattr(importlib.import_module(module), name).model_fields
-    assert set(vllm_fields) - set(honoured) - set(UNHONOURED[route]) == set(), "vLLM fields neither honoured nor refused"
+    neither = set(vllm_fields) - set(honoured) - set(UNHONOURED[route])
+    assert neither == set(), "vLLM fields neither honoured nor refused"
 
     for field, rule in UNHONOURED[route].items():
         value = asks_for_something(rule.no_op)

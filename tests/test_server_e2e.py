@@ -77,7 +77,7 @@ def test_documented_examples_answer_what_the_docs_show(server, example):
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):
     answers = server.infer(PROMPTS, prompt_logprobs=0)
-    for prompt, answer in zip(PROMPTS, answers):
+    for prompt, answer in zip(PROMPTS, answers, strict=True):
         direct = direct_prompt_logprobs(reference_model, prompt)
         assert len(answer) == len(direct)
         assert torch.allclose(torch.tensor(answer), direct, atol=LOGPROB_TOLERANCE, rtol=0)

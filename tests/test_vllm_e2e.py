@@ -76,7 +76,7 @@ def test_greedy_answers_equal_plain_generate(server, reference_model):
 
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):
-    for prompt, answer in zip(PROMPTS, server.infer(PROMPTS, prompt_logprobs=0)):
+    for prompt, answer in zip(PROMPTS, server.infer(PROMPTS, prompt_logprobs=0), strict=True):
         direct = direct_prompt_logprobs(reference_model, prompt)
         assert len(answer) == len(direct)
         assert torch.allclose(torch.tensor(answer), direct, atol=LOGPROB_TOLERANCE, rtol=0)

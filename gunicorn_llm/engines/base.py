@@ -16,8 +16,8 @@ import queue
 import signal
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from gunicorn_llm.request_schema import SamplingParams
 
@@ -213,7 +213,7 @@ class Engine(ABC):
         """What `/ready` reports about the engine."""
         return {"model": self.model_name}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: an engine with nothing to stop keeps this default
         """Stop what the engine runs beside the request threads, in order, as its worker exits (`stopping` is set
         first). By default nothing: the worker's exit ends it."""
 

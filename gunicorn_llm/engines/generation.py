@@ -9,8 +9,8 @@ cancels it in the engine, so the capacity comes back at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from gunicorn_llm.engines.base import ChoiceUpdate, Engine, TokenLogprob
 from gunicorn_llm.ops.metrics import RequestStats

@@ -136,14 +136,14 @@ def _hub_snapshot(name: str) -> Path:
         return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
     except HFValidationError as error:
         raise ModelNotFoundError(f"{name!r} is neither a local folder nor a valid Hugging Face model name") from error
-    except Exception:  # not in the local cache: try the hub unless told to stay offline
+    except Exception:  # noqa: BLE001 - not in the local cache: try the hub unless told to stay offline
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
             raise ModelNotFoundError(
                 f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
             ) from None
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever stopped the download, the model cannot be found
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelNotFoundError(
             f"model {name!r} is not a local folder, not in the local Hugging Face cache, "

@@ -144,7 +144,8 @@ class VLLMEngine(Engine):
                 self._incoming.put(("abort", submission))
             raise
         return [
-            [_token_logprob(token, entry, top) for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+            [_token_logprob(token, entry, top)
+             for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)]
             for out in outputs
         ]
 
@@ -206,7 +207,7 @@ class VLLMEngine(Engine):
             if completion.logprobs is not None:
                 logprobs = [
                     _token_logprob(token, entry, submission.sampling.logprobs)
-                    for token, entry in zip(completion.token_ids, completion.logprobs)
+                    for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)
                 ]
             if completion.token_ids or reason:
                 submission.stream.publish(ChoiceUpdate(completion.index, list(completion.token_ids), logprobs, reason))

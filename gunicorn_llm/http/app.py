@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException

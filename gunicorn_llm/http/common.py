@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError

@@ -14,7 +14,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -266,7 +267,7 @@ def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int
         result["top_logprobs"].append(None)
         result["text_offset"].append(offset)
         offset += len(first_token)
-    for token, piece in zip(tokens, pieces):
+    for token, piece in zip(tokens, pieces, strict=True):
         result["tokens"].append(piece)
         result["token_logprobs"].append(token.logprob)
         result["top_logprobs"].append({engine.tokenizer.decode([t]): lp for t, lp in token.top})
