@@ -417,7 +417,7 @@ def test_greedy_with_a_seed_stays_in_the_batch_and_equals_greedy(slots, generate
 
     paths: list[str] = []
     monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
-    monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    monkeypatch.setattr(generate_engine, "paths", [slots.engine, *generate_engine.paths])
     slots.steps.clear()
     tokens, _ = collect(generate_engine.start(ids, seeded))
     assert paths == ["slots"] and tokens == plain_tokens
@@ -515,7 +515,7 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
         tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     # The batching thread pauses the continuous path while it scores: with the slot engine held, the first request
     # is taken and waits, the others queue meanwhile.
-    monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    monkeypatch.setattr(generate_engine.generate, "beside", slots.engine)
     results: list = [None] * len(requests)
 
     def score(index: int) -> None:
@@ -523,7 +523,7 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
         results[index] = generate_engine.prompt_logprobs(prompts, top=2 if index % 2 else 0)
 
     threads = [threading.Thread(target=score, args=(index,)) for index in range(len(requests))]
-    jobs = generate_engine._jobs
+    jobs = generate_engine.generate._jobs
     queued_before = jobs.unfinished_tasks  # counts every put (nobody calls task_done)
     try:
         with slots.engine.paused():

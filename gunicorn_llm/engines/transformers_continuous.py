@@ -7,7 +7,8 @@ cancelled one leaves at once.
 
 The manager applies temperature, top-k and top-p per request and a per-request end-of-sequence set; requests that
 need anything else (a sampling seed, penalties, min_p, logprobs) go to the engine's batched `generate` path instead
-(`can_serve`; the engine drops a greedy request's seed before asking). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes for every request alike.
+(`can_serve`; the engine drops a greedy request's seed before asking). Greedy decoding is top-k 1 sampling, since
+the manager samples or argmaxes for every request alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream
+from gunicorn_llm.engines.transformers_batching import ContinuousPath
 from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
@@ -37,7 +39,9 @@ class _Sequence:
     sent: int = 0  # generated tokens already published
 
 
-class ContinuousBatching:
+class ContinuousBatching(ContinuousPath):
+    name = "continuous"
+
     def __init__(self, model, pad_token_id: int, vocab_size: int, memory_share: float, on_death,
                  cuda_graphs: bool = False, stream_interval: int = 1):
         """`memory_share`: the fraction of the device's free memory this manager may take for its KV cache;

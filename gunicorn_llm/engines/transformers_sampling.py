@@ -2,7 +2,7 @@
 slot engine needs it (transformers_slots.py); the log-probability and penalty arithmetic is shared with the other
 paths of the transformers engine, so that they report the same numbers.
 
-Per row, in the batched-generate path's order (transformers_engine.py, which uses transformers' processors): the
+Per row, in the batched-generate path's order (transformers_generate.py, which uses transformers' processors): the
 model's log-probabilities (before any transform, as vLLM reports them), repetition penalty (over prompt and
 output), presence and frequency penalties (over the output), then temperature, top-k, top-p and min-p, and the draw.
 Everything is vectorised over the rows; a row pays only for what its request asks for (log-probabilities and

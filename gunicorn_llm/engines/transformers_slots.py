@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.transformers_batching import ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import RowSampler, generator_for
 from gunicorn_llm.request_schema import RequestError, SamplingParams
 
@@ -131,7 +132,9 @@ class _Sequence:
     cancelled: bool = False
 
 
-class SlotBatching:
+class SlotBatching(ContinuousPath):
+    name = "slots"
+
     def __init__(self, model, slots: int, max_len: int, cache_bytes: int, cuda_graphs: bool, on_death, on_step,
                  stream_interval: int = 1):
         """`slots`: sequences at most (fewer if their cache would not fit in `cache_bytes`); `max_len`: prompt plus
@@ -201,6 +204,9 @@ class SlotBatching:
 
     def running(self) -> int:
         return len(self._running) + len(self._waiting)
+
+    def describe(self) -> dict:
+        return {"slots": self.slots}
 
     def paused(self):
         """A context in which the caller has the model to itself (the loop waits between steps, keeping its batch)."""
