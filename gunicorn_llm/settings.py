@@ -120,10 +120,12 @@ class ServerSettings(BaseSettings):
         300, "WORKER_TIMEOUT", "--timeout", "seconds before a silent worker is killed; also the graceful drain on stop",
         meta="S", doc="seconds before gunicorn kills a silent worker, and the graceful drain on stop", ge=1,
     )
+    # 1,024 running (vLLM's most sequences per step on a large GPU) plus 1,024 waiting: a benchmark's burst is
+    # queued, not refused, and no thread limit caps what the engine could run. Threads start only when needed.
     threads: int = _setting(
-        256, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
-        doc="concurrent connections per worker (gthread pool); keep it above the running sequences plus "
-        "`--max-waiting`", ge=1, le=4096,
+        2048, "THREADS", "--threads", "concurrent connections per worker; keep it above running + --max-waiting",
+        doc="concurrent connections per worker (gthread pool, a thread started only when needed); keep it above the "
+        "running sequences plus `--max-waiting`", ge=1, le=4096,
     )
     max_requests: int = _setting(
         0, "MAX_REQUESTS", "--max-requests", "requests before a worker is recycled; 0: never",
@@ -175,7 +177,7 @@ class ServerSettings(BaseSettings):
         section="limits", doc="with keys set, `/health`, `/ready`, `/metrics`, `/workers` and `/` need a key too",
     )
     max_waiting: int = _setting(
-        64, "MAX_WAITING", "--max-waiting",
+        1024, "MAX_WAITING", "--max-waiting",
         "requests waiting for a first token per worker; beyond: 503 with Retry-After", section="limits",
         doc="requests a worker holds that have not had a first token; beyond it 503 at once, with `Retry-After: 1`",
         ge=1,

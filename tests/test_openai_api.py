@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import threading
 import time
 
 import openai
@@ -451,3 +452,31 @@ def test_every_field_of_vllms_request_models_is_honoured_or_refused_with_a_400_n
         assert response.status_code == 200, (no_ops, response.text)
     assert f"ignoring unknown key {next(iter(UNHONOURED[route]))!r}" not in server.log()
     assert running(server) == 0
+
+
+# -- 11. a benchmark's burst, with the default admission settings ------------------------------------------------
+
+
+def burst(server, bodies: list[dict]) -> list[int]:
+    """Every body posted to /v1/completions at once, each from a thread and connection of its own: the statuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(len(bodies))
+
+    def post(body: dict) -> int:
+        start.wait()
+        return requests.post(f"{server.url}/v1/completions", json=body, timeout=HTTP_TIMEOUT * 4).status_code
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def test_a_burst_of_256_generations_is_queued_and_answered_none_refused(server):
+    statuses = burst(server, [{"prompt": f"Count to {i}:", "max_tokens": 2, "temperature": 0} for i in range(256)])
+    assert statuses == [200] * 256, {status: statuses.count(status) for status in set(statuses)}
+
+
+def test_a_burst_of_1000_prompts_to_score_is_answered_in_full(server):
+    body = {"max_tokens": 0, "echo": True, "logprobs": 1}
+    statuses = burst(server, [{"prompt": f"Option {i}: yes", **body} for i in range(1000)])
+    assert statuses == [200] * 1000, {status: statuses.count(status) for status in set(statuses)}
