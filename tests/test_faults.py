@@ -1,7 +1,7 @@
 """Faults and life cycle with real processes, under load, each bounded in time.
 
 A real gunicorn server (start_gunicorn.sh, transformers engine, 2 CPU workers, --timeout 20 so drains are short) is
-hit by N client threads (tests/load.py) while its processes are killed or signalled:
+hit by N client threads (benchkit/fault_load.py) while its processes are killed or signalled:
 
 - kill -9 of a worker, round after round (5, or at least 3 when a slow machine makes them long): clients get an
   answer or an error, never a hang; the replacement takes the freed slice; the dispatcher's state file never names a
@@ -31,7 +31,7 @@ import psutil
 import pytest
 import requests
 
-from load import Load, longest_gap, summary
+from benchkit.fault_load import Load, longest_gap, summary
 
 TIMEOUT_S = 20  # --timeout: the graceful drain, and how long a request waits for a loading model
 KILL_ROUNDS = 5
