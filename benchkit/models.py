@@ -26,6 +26,19 @@ def add_model_arguments(cli: argparse.ArgumentParser) -> None:
     cli.add_argument("--shape", choices=SHAPES, default="135m")
 
 
+def add_probe_arguments(cli: argparse.ArgumentParser) -> None:
+    """The in-process probes' command line: the model, and N requests (several Ns) of P prompt and O new tokens."""
+    add_model_arguments(cli)
+    cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
+    cli.add_argument("--prompt-len", type=int, default=128)
+    cli.add_argument("--output-len", type=int, default=128)
+
+
+def probe_prompts(count: int, length: int) -> list[list[int]]:
+    """`count` distinct prompts of `length` token ids, the same in every run."""
+    return [[(7 * i + j) % 30000 + 100 for j in range(length)] for i in range(count)]
+
+
 def random_model(source: str | Path, shape: str, device: str | None = None):
     """A random-weight causal LM of `shape` from the config in `source`, in eval mode on `device` (default: the GPU
     when there is one; on CPU the scripts only check themselves)."""

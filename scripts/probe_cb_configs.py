@@ -24,7 +24,7 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit, gunicorn_llm
-from benchkit.models import add_model_arguments, random_model  # noqa: E402
+from benchkit.models import add_probe_arguments, probe_prompts, random_model  # noqa: E402
 
 
 def generation_config(per_request_sampling: bool, new_tokens: int) -> GenerationConfig:
@@ -49,10 +49,7 @@ def run(model, prompts, config: GenerationConfig, cb: dict) -> float:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(cli)
-    cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
-    cli.add_argument("--prompt-len", type=int, default=128)
-    cli.add_argument("--output-len", type=int, default=128)
+    add_probe_arguments(cli)
     options = cli.parse_args()
     model = random_model(options.source, options.shape)
     settings = {
@@ -69,7 +66,7 @@ def main() -> None:
     for name, (per_request, cb) in settings.items():
         figures = []
         for count in options.requests:
-            prompts = [[(7 * i + j) % 30000 + 100 for j in range(options.prompt_len)] for i in range(count)]
+            prompts = probe_prompts(count, options.prompt_len)
             try:
                 figures.append(f"{run(model, prompts, generation_config(per_request, options.output_len), cb):.0f}")
             except Exception as error:  # noqa: BLE001 - a setting this transformers refuses is a finding too
