@@ -80,6 +80,10 @@ class Load:
     def snapshot(self) -> list[Outcome]:
         return [Outcome(sent.client, sent.started, sent.ended, *sent.result) for sent in self._clients.snapshot()]
 
+    def stop_sending(self) -> None:
+        """No new requests; those under way go on (stop() waits for them)."""
+        self._clients.stop_sending()
+
     def stop(self) -> list[Outcome]:
         """Stop sending, wait for the requests under way (each is bounded by the client timeout), return all."""
         self._clients.stop(timeout_s=self.timeout_s + 15)

@@ -115,9 +115,13 @@ class Clients(Generic[Item, Result]):
         """Clients still running (after stop() or join() with a timeout: clients that hang)."""
         return sum(thread.is_alive() for thread in self._threads)
 
+    def stop_sending(self) -> None:
+        """No new requests; those under way go on."""
+        self._stop.set()
+
     def stop(self, timeout_s: float | None = None) -> list[Sent[Result]]:
         """Stop sending and wait for the requests under way (each thread up to `timeout_s`)."""
-        self._stop.set()
+        self.stop_sending()
         return self.join(timeout_s)
 
     def __enter__(self) -> Self:

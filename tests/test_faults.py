@@ -270,7 +270,7 @@ def test_sigterm_under_load_drains_in_flight_requests_and_leaves_nothing(server)
         in_flight = wait_until(settled_requests, 60, "3 requests in flight")
         term_at = time.monotonic()
         os.kill(master, signal.SIGTERM)  # the launcher exec'd gunicorn: this pid is the master
-        load._stop.set()  # no new requests from the load: what ran at the SIGTERM is what must drain
+        load.stop_sending()  # what ran at the SIGTERM is what must drain
 
         time.sleep(0.5)  # the drain has started; the master closed its listening socket at once
         probe_at = time.monotonic()
