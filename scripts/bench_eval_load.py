@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import threading
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit
+from benchkit.load import send_all  # noqa: E402
 
 LOGLIKELIHOOD = {"max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
 STOP = "\n\n"
@@ -73,22 +76,16 @@ def generate_until(url: str, model: str | None, prompt: str, max_tokens: int, se
 
 def run_server(url: str, model: str | None, load: Load, options) -> tuple[float, float, list[int]]:
     """Seconds for the log-likelihoods, seconds for the generations, and each item's most likely option."""
-    local = threading.local()  # one connection per client thread, kept alive as lm-eval's client does
-
-    def session():
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        return local.session
-
+    # one connection per client, kept alive as lm-eval's client does
+    sessions = [requests.Session() for _ in range(options.concurrency)]
     pairs = [(context, option) for context, opts in load.choices for option in opts]
-    with ThreadPoolExecutor(options.concurrency) as pool:
-        started = time.perf_counter()
-        scores = list(pool.map(lambda pair: option_loglikelihood(url, model, *pair, session()), pairs))
-        scored = time.perf_counter()
-        list(pool.map(lambda prompt: generate_until(url, model, prompt, options.max_gen_tokens, session()),
-                      load.prompts))
-        generated = time.perf_counter()
-    return scored - started, generated - scored, _choices(scores)
+    started = time.perf_counter()
+    scores = send_all(lambda client, pair: option_loglikelihood(url, model, *pair, sessions[client]), pairs,
+                      options.concurrency)
+    scored = time.perf_counter()
+    send_all(lambda client, prompt: generate_until(url, model, prompt, options.max_gen_tokens, sessions[client]),
+             load.prompts, options.concurrency)
+    return scored - started, time.perf_counter() - scored, _choices(scores)
 
 
 def run_hf(model_dir: str, load: Load, options) -> tuple[float, float, list[int]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+sys.path.insert(0, str(ROOT))  # the repository root: benchkit, gunicorn_llm
 
 from gunicorn_llm.engines.base import ChoiceUpdate, Engine, GenerationStream  # noqa: E402
 from gunicorn_llm.request_schema import SamplingParams  # noqa: E402
@@ -118,8 +118,7 @@ def __getattr__(name: str):
 
 
 def main() -> None:
-    from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready
-
+    from benchkit.servers import Servers, ServerProcess, free_port
     from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, resolve_model
 
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,7 +135,6 @@ def main() -> None:
     cli.add_argument("--out", type=Path, default=ROOT / "results" / "request-path")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    stop_on_sigterm()
 
     model = resolve_model(None)  # the embedded model: its tokenizer and name; no weights are loaded
     port = free_port()
@@ -147,26 +145,21 @@ def main() -> None:
            "GPU_IDS": "", "CUDA_VISIBLE_DEVICES": "",
            "DISPATCHER_STATE": str(options.out.parent / f"request-path-slices-{port}.json")}
     command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn_conf.py", "scripts.bench_request_path:app"]
-    log = open(f"{options.out}.log", "w")
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, options.workers, server, timeout_s=120)
+    with Servers() as servers:
+        server = servers.add(ServerProcess(command, port, Path(f"{options.out}.log"), env, cwd=ROOT))
+        server.wait_loaded(options.workers, timeout_s=120)
         for mode in options.modes:
             pace = [f"{c * 1000 / (options.step_ms + c * options.step_ms_per_seq):,.0f}"
                     for c in options.concurrency]
             print(f"{mode}: the pace's ceiling at concurrency {options.concurrency}: {', '.join(pace)} tok/s",
                   flush=True)
-            subprocess.run([sys.executable, str(ROOT / "bench.py"), "--url", f"paced={url}@completions",
+            subprocess.run([sys.executable, str(ROOT / "bench.py"), "--url", f"paced={server.url}@completions",
                             "--tokenizer", str(model), "--model", EMBEDDED_MODEL_NAME, "--no-progress",
                             "--concurrency", *map(str, options.concurrency), "--duration", str(options.duration),
                             "--client-processes", str(options.client_processes), "--prompt-len", "16",
                             "--output-len", str(options.output_len),
                             "--stream" if mode == "stream" else "--no-stream",
                             "--json", f"{options.out}-{mode}.json"], check=False)
-    finally:
-        stop_servers([server])
 
 
 if __name__ == "__main__":

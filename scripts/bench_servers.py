@@ -37,10 +37,9 @@ from pathlib import Path
 from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from probe_cb_configs import SHAPES, random_model  # noqa: E402
-from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the repository root: benchkit
+from benchkit.models import add_model_arguments, build_model  # noqa: E402
+from benchkit.servers import Servers, ServerProcess, free_port  # noqa: E402
 
 # this server's launcher options per variant (see the docstring)
 TRANSFORMERS = ["--infer_type", "transformers"]
@@ -53,17 +52,6 @@ VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching
 SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization", "--stream-interval")
 # of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
 HF_KV_SHARE = "0.2"
-
-
-def build_model(source: Path, shape: str, target: Path) -> None:
-    from transformers import AutoTokenizer
-
-    random_model(str(source), shape).save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    # No EOS in the generation config: every server then generates exactly the asked length.
-    config = json.loads((target / "generation_config.json").read_text())
-    config.pop("eos_token_id", None)
-    (target / "generation_config.json").write_text(json.dumps(config))
 
 
 def label(spec: str) -> str:
@@ -115,9 +103,8 @@ def server_command(spec: str, model: Path, port: int, default_gpus: str, ours_op
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("source", type=Path, help="folder with the model's config.json and tokenizer")
+    add_model_arguments(cli)
     cli.add_argument("--servers", nargs="+", default=["hf", "ours:1"])
-    cli.add_argument("--shape", choices=SHAPES, default="135m")
     cli.add_argument("--gpus", default="0", help="GPU indices the servers may use, e.g. 0,1; cpu: none")
     cli.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     cli.add_argument("--duration", type=float, default=15, help="seconds per run")
@@ -139,46 +126,43 @@ def main() -> None:
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    stop_on_sigterm()
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     model = options.keep_model or work / f"random-smollm2-{options.shape}"
     if not (model / "config.json").exists():
         build_model(options.source, options.shape, model)
-    servers: list[tuple[str, subprocess.Popen]] = []  # (bench.py's --url for it, the process)
+    urls: list[str] = []  # bench.py's --url for each server
     try:
-        for spec in options.servers:
-            port = free_port()
-            ours_options = ["--max-model-len", str(options.max_model_len),
-                            "--max-batch-size", str(options.max_batch_size),
-                            "--gpu-memory-utilization", str(options.gpu_memory_utilization),
-                            "--stream-interval", str(options.stream_interval),
-                            # No load shedding: every connection is served, however many wait (a throughput run).
-                            "--max-waiting", "4096", "--threads", "4096"]
-            command, env, protocol, workers = server_command(spec, model, port, options.gpus, ours_options)
-            print("$", " ".join(command), flush=True)
-            log = open(options.out.parent / f"{options.out.name}-{label(spec)}.log", "w")
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            url = f"http://127.0.0.1:{port}"
-            servers.append((f"{label(spec)}={url}@{protocol}", process))
-            wait_ready(url, workers, process, options.ready_timeout)  # one by one: each sizes its cache alone
-        for mode in options.modes:  # the same servers for every mode
-            out = options.out.with_name(options.out.name + ("" if mode == "stream" else "-whole"))
-            bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--model", str(model),
-                     "--no-progress", "--concurrency", *map(str, options.concurrency),
-                     "--duration", str(options.duration), "--repeats", str(options.repeats),
-                     "--client-processes", str(options.client_processes),
-                     "--stream" if mode == "stream" else "--no-stream",
-                     "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
-                     "--json", f"{out}.json", "--plot", f"{out}.png"]
-            for bench_url, _ in servers:
-                bench += ["--url", bench_url]
-            print("$", " ".join(bench), flush=True)
-            subprocess.run(bench, check=False)
-        for bench_url, _ in servers:
-            print_requests_per_worker(bench_url)
+        with Servers() as servers:
+            for spec in options.servers:
+                port = free_port()
+                ours_options = ["--max-model-len", str(options.max_model_len),
+                                "--max-batch-size", str(options.max_batch_size),
+                                "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+                                "--stream-interval", str(options.stream_interval),
+                                # No load shedding: every connection is served, however many wait (a throughput run).
+                                "--max-waiting", "4096", "--threads", "4096"]
+                command, env, protocol, workers = server_command(spec, model, port, options.gpus, ours_options)
+                log = options.out.parent / f"{options.out.name}-{label(spec)}.log"
+                server = servers.add(ServerProcess(command, port, log, env))
+                urls.append(f"{label(spec)}={server.url}@{protocol}")
+                server.wait_loaded(workers, options.ready_timeout)  # one by one: each sizes its cache alone
+            for mode in options.modes:  # the same servers for every mode
+                out = options.out.with_name(options.out.name + ("" if mode == "stream" else "-whole"))
+                bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--model", str(model),
+                         "--no-progress", "--concurrency", *map(str, options.concurrency),
+                         "--duration", str(options.duration), "--repeats", str(options.repeats),
+                         "--client-processes", str(options.client_processes),
+                         "--stream" if mode == "stream" else "--no-stream",
+                         "--prompt-len", str(options.prompt_len), "--output-len", str(options.output_len),
+                         "--json", f"{out}.json", "--plot", f"{out}.png"]
+                for url in urls:
+                    bench += ["--url", url]
+                print("$", " ".join(bench), flush=True)
+                subprocess.run(bench, check=False)
+            for url in urls:
+                print_requests_per_worker(url)
     finally:
-        stop_servers([process for _, process in servers])
         shutil.rmtree(work, ignore_errors=True)
 
 

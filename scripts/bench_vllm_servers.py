@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
+sys.path.insert(0, str(ROOT))  # the repository root: benchkit, gunicorn_llm
+from benchkit.servers import Servers, ServerProcess, free_port  # noqa: E402
 from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
-from server_processes import free_port, wait_ready  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- vllm-servers:begin -->", "<!-- vllm-servers:end -->"
@@ -34,29 +32,20 @@ OURS, THEIRS = "this server (vLLM backend)", "vLLM OpenAI server"
 DTYPE = "float32"  # this server's CPU default (see docs/benchmarks.md); vLLM's server is given the same
 
 
-def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[str, subprocess.Popen]]:
+def start_servers(servers: Servers, model: Path, log_dir: Path) -> dict[str, str]:
+    """Both servers, started together; name -> URL once each is ready."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    ours_port, theirs_port = free_port(), free_port()
-    commands = {
-        OURS: [
-            str(ROOT / "start_gunicorn.sh"), "--infer_type", "vllm", "--cpu-workers", "1", "--port", str(ours_port),
-            "--max-model-len", MAX_MODEL_LEN, "--dtype", DTYPE, "--enforce-eager",
-        ],
-        THEIRS: [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", EMBEDDED_MODEL_NAME, "--port", str(theirs_port), "--host", "127.0.0.1",
-            "--max-model-len", MAX_MODEL_LEN, "--dtype", DTYPE, "--enforce-eager",
-        ],
-    }
-    servers = {}
-    for (name, command), port in zip(commands.items(), (ours_port, theirs_port)):
-        print("$", " ".join(command), flush=True)
-        log = open(log_dir / f"{port}.log", "w")
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        servers[name] = (f"http://127.0.0.1:{port}", process)
-    for name, (url, process) in servers.items():
-        wait_ready(url, None if name == OURS else 0, process, timeout_s=600)  # ours: until its worker has loaded
-    return servers
+    engine = ["--max-model-len", MAX_MODEL_LEN, "--dtype", DTYPE, "--enforce-eager"]
+    ours = servers.add(ServerProcess.launch(["--infer_type", "vllm", "--cpu-workers", "1", *engine],
+                                            log_dir / "ours.log", env))
+    port = free_port()
+    theirs = servers.add(ServerProcess(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", EMBEDDED_MODEL_NAME, "--port", str(port), "--host", "127.0.0.1", *engine],
+        port, log_dir / "theirs.log", env))
+    ours.wait_loaded(None, timeout_s=600)  # until its worker has loaded
+    theirs.wait_loaded(0, timeout_s=600)
+    return {OURS: ours.url, THEIRS: theirs.url}
 
 
 def measure(url: str, model: Path, concurrency: int, output_len: int, input_len: int, result_dir: Path) -> dict:
@@ -85,25 +74,21 @@ def main() -> None:
     cli.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     cli.add_argument("--input-len", type=int, default=128)
     cli.add_argument("--output-len", type=int, default=32)
-    cli.add_argument("--work-dir", type=Path, default=Path("/tmp/bench-vllm-servers"))
+    cli.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-vllm-servers")
     options = cli.parse_args()
     options.work_dir.mkdir(parents=True, exist_ok=True)
 
     model = embedded_model_dir()
-    servers = start_servers(model, options.work_dir)
     runs: dict[tuple[str, int], list[dict]] = {}
-    try:
+    with Servers(stop_wait_s=120) as servers:
+        urls = start_servers(servers, model, options.work_dir)
         for repeat in range(options.repeats):
             for concurrency in options.concurrency:
-                for name, (url, _) in servers.items():  # interleaved: each pair measured back to back
+                for name, url in urls.items():  # interleaved: each pair measured back to back
                     result = measure(url, model, concurrency, options.output_len, options.input_len, options.work_dir)
                     runs.setdefault((name, concurrency), []).append(result)
                     print(f"[{repeat + 1}/{options.repeats}] c={concurrency} {name}: "
                           f"{result['output_throughput']:.1f} tok/s", flush=True)
-    finally:
-        for _, process in servers.values():
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=120)
 
     table = render(runs, options)
     print(table)

@@ -11,28 +11,19 @@ Usage: python3 scripts/gpu_smoke.py TOKENIZER_AND_CONFIG_DIR [PORT]
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.request import Request, urlopen
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_random_model(source: Path, target: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(source)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit
+from benchkit.load import send_all  # noqa: E402
+from benchkit.models import build_model  # noqa: E402
+from benchkit.servers import Servers, ServerProcess  # noqa: E402
 
 
 def call(url: str, body: dict | None = None) -> tuple[dict, dict]:
@@ -40,20 +31,6 @@ def call(url: str, body: dict | None = None) -> tuple[dict, dict]:
     request = Request(url, data=data, headers={"Content-Type": "application/json"})
     with urlopen(request, timeout=120) as response:
         return json.loads(response.read()), dict(response.headers)
-
-
-def wait_ready(url: str, workers: int, process: subprocess.Popen, timeout_s: float = 300) -> dict[int, dict]:
-    ready: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(ready) < workers:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not get {workers} workers ready (exit {process.poll()})")
-        try:
-            answer, _ = call(f"{url}/ready")
-            ready[answer["pid"]] = answer
-        except OSError:
-            time.sleep(0.3)
-    return ready
 
 
 def gpu_processes() -> str:
@@ -75,25 +52,23 @@ def throughput(url: str, concurrency: int, new_tokens: int) -> str:
     body = {"params": {"temperature": 0, "max_tokens": new_tokens, "ignore_eos": True}}
     call(f"{url}/infer", {"instances": ["warm-up"], **body})
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda i: call(f"{url}/infer", {"instances": [f"Request {i} about GPUs"], **body}),
-                      range(concurrency)))
+    send_all(lambda _client, i: call(f"{url}/infer", {"instances": [f"Request {i} about GPUs"], **body}),
+             range(concurrency), concurrency)
     elapsed = time.perf_counter() - started
     return f"{concurrency} concurrent requests x {new_tokens} tokens: {concurrency * new_tokens / elapsed:.0f} output tok/s"
 
 
 def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: str = "auto") -> list[str]:
-    url = f"http://127.0.0.1:{port}"
     workers = gpu_count // per_proc_gpus
-    log = open(f"/tmp/gpu-smoke-{per_proc_gpus}-{batching}.log", "w")
-    command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--per_proc_gpus", str(per_proc_gpus),
-               "--infer_type", "transformers", "--port", str(port), "--batching", batching]
-    print("$", " ".join(command), flush=True)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    lines = [f"### --per_proc_gpus {per_proc_gpus} --batching {batching}: {workers} workers", "",
-             "$ " + " ".join(command), ""]
-    try:
-        ready = wait_ready(url, workers, process)
+    log = Path(tempfile.gettempdir()) / f"gpu-smoke-{per_proc_gpus}-{batching}.log"
+    with Servers() as servers:
+        server = servers.add(ServerProcess.launch(["--model_name", str(model), "--per_proc_gpus", str(per_proc_gpus),
+                                                   "--infer_type", "transformers", "--batching", batching], log,
+                                                  port=port))
+        url = server.url
+        lines = [f"### --per_proc_gpus {per_proc_gpus} --batching {batching}: {workers} workers", "",
+                 "$ " + " ".join(server.command), ""]
+        ready = server.ready_workers(workers, timeout_s=300)
         lines += ["| worker pid | slice (CUDA_VISIBLE_DEVICES) | torch.cuda.device_count() | layers on | batching | GPU |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for pid, answer in sorted(ready.items()):
@@ -106,11 +81,9 @@ def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: st
             lines.append(f"{pid}  GPU {by_uuid.get(uuid, uuid)}  {memory}")
         lines += ["```", ""]
         prompts = [f"Request {i}: tell me about GPUs" for i in range(4 * workers)]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            results = list(pool.map(
-                lambda p: call(f"{url}/infer", {"instances": [p], "params": {"temperature": 0, "max_tokens": 16}}),
-                prompts,
-            ))
+        results = send_all(
+            lambda _client, p: call(f"{url}/infer", {"instances": [p], "params": {"temperature": 0, "max_tokens": 16}}),
+            prompts, len(prompts))
         served: dict[str, int] = {}
         for answer, headers in results:
             assert isinstance(answer, list) and isinstance(answer[0], str)
@@ -121,18 +94,16 @@ def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: st
         lines.append("")
         if per_proc_gpus == 1:  # a first look at the two batching paths; full benchmarks are a separate script
             lines += [f"Throughput over all {workers} workers: " + throughput(url, 64 * workers, 128), ""]
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=120)
-        log.close()
     return lines
 
 
 def main() -> None:
     import torch
 
-    source = Path(sys.argv[1])
-    port = int(sys.argv[2]) if len(sys.argv) > 2 else 5002
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("source", type=Path, help="folder with the config.json and tokenizer files the model copies")
+    cli.add_argument("port", type=int, nargs="?", default=5002)
+    options = cli.parse_args()
     # Counted through nvidia-smi: this script stays off the GPUs, so nvidia-smi's process list shows only workers.
     gpu_count = len(gpu_index_by_uuid())
     name = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -140,10 +111,10 @@ def main() -> None:
     report = [f"GPUs: {gpu_count} x {name}; torch {torch.__version__}", ""]
     with tempfile.TemporaryDirectory() as scratch:
         model = Path(scratch) / "random-smollm2-135m"
-        build_random_model(source, model)
-        report += run(model, 1, gpu_count, port)  # auto: continuous batching on GPU
-        report += run(model, 1, gpu_count, port, batching="generate")
-        report += run(model, 2, gpu_count, port)
+        build_model(options.source, "135m", model, keep_eos=True)
+        report += run(model, 1, gpu_count, options.port)  # auto: continuous batching on GPU
+        report += run(model, 1, gpu_count, options.port, batching="generate")
+        report += run(model, 2, gpu_count, options.port)
     print("\n".join(report))
 
 

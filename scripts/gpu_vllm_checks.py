@@ -21,26 +21,24 @@ Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans|o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit, gunicorn_llm
+from benchkit.fault_load import Load  # noqa: E402
+from benchkit.models import build_model  # noqa: E402
+from benchkit.servers import Servers, ServerProcess, free_port, launcher_command  # noqa: E402
 
-from bench_servers import build_model  # noqa: E402
-from server_processes import free_port, stop_on_sigterm, stop_servers, wait_ready  # noqa: E402
-
+STOP_WAIT_S = 120  # a vLLM engine on GPUs may take a while to stop gracefully
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Question: what is 7 times 8?\nAnswer:", "The quick brown fox", "import numpy as np\n", "Dear Sir,"]
 
@@ -66,19 +64,17 @@ def ceiling(model: Path, options) -> None:
               f"{tokens / elapsed:,.0f} output tok/s | {elapsed:.2f} s |", flush=True)
 
 
-class Server:
+class Server(ServerProcess):
+    """This server on `model` through its launcher, with a dispatcher state of its own."""
+
     def __init__(self, model: Path, *args: str, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         env = {**os.environ, "DISPATCHER_STATE": str(Path(tempfile.mkdtemp()) / "slices.json")}
-        command = [str(ROOT / "start_gunicorn.sh"), "--model_name", str(model), "--port", str(self.port), *args]
-        print("$", " ".join(command), flush=True)
-        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        super().__init__(launcher_command(port, ["--model_name", str(model), *args]), port, log, env)
 
     def ready(self, timeout_s: float = 600) -> dict:
         """A ready worker's /ready, once every worker has loaded."""
-        wait_ready(self.url, None, self.process, timeout_s)
+        self.wait_loaded(None, timeout_s)
         answer = requests.get(f"{self.url}/ready", timeout=5)
         answer.raise_for_status()
         return answer.json()
@@ -88,27 +84,13 @@ class Server:
         answer.raise_for_status()
         return answer.json()
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            stop_servers([self.process], wait_s=120)
 
-
-class Servers(contextlib.AbstractContextManager):
-    """Servers started one after another, each once the one before is ready: a vLLM engine sizing its cache
-    fails when another process frees GPU memory meanwhile. All are stopped on exit."""
-
-    def __init__(self):
-        self.started: list[Server] = []
-
-    def start(self, model: Path, *args: str, log: Path) -> Server:
-        for server in self.started:
-            server.ready()
-        self.started.append(Server(model, *args, log=log))
-        return self.started[-1]
-
-    def __exit__(self, *exc) -> None:
-        for server in self.started:
-            server.stop()
+def start_after_ready(servers: Servers, model: Path, *args: str, log: Path) -> Server:
+    """Servers started one after another, each once the ones before are ready: a vLLM engine sizing its cache
+    fails when another process frees GPU memory meanwhile."""
+    for server in servers.started:
+        server.ready()
+    return servers.add(Server(model, *args, log=log))
 
 
 def correctness(source: Path, options) -> None:
@@ -119,10 +101,11 @@ def correctness(source: Path, options) -> None:
     build_model(source, "135m", model)
     common = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization",
               str(options.gpu_memory_utilization), "--enforce-eager"]
-    with Servers() as servers:
-        vllm = servers.start(model, "--infer_type", "vllm", *common, log=options.out / "correctness-vllm.log")
-        hf = servers.start(model, "--infer_type", "transformers", *common,
-                           log=options.out / "correctness-transformers.log")
+    with Servers(STOP_WAIT_S) as servers:
+        vllm = start_after_ready(servers, model, "--infer_type", "vllm", *common,
+                                 log=options.out / "correctness-vllm.log")
+        hf = start_after_ready(servers, model, "--infer_type", "transformers", *common,
+                               log=options.out / "correctness-transformers.log")
         print("vLLM engine:", vllm.ready(), "\ntransformers engine:", hf.ready(), flush=True)
         compare_greedy(vllm, hf, "the engines")
 
@@ -166,9 +149,10 @@ def compare_greedy(one: Server, other: Server, between: str) -> None:
 def parallel(model: Path, options) -> None:
     common = ["--infer_type", "vllm", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
               "--gpu-memory-utilization", str(options.gpu_memory_utilization)]
-    with Servers() as servers:
-        split = servers.start(model, *common, "--per_proc_gpus", "2", log=options.out / "parallel-tp.log")
-        whole = servers.start(model, *common, "--per_proc_gpus", "1", log=options.out / "parallel-one-gpu.log")
+    with Servers(STOP_WAIT_S) as servers:
+        split = start_after_ready(servers, model, *common, "--per_proc_gpus", "2", log=options.out / "parallel-tp.log")
+        whole = start_after_ready(servers, model, *common, "--per_proc_gpus", "1",
+                                  log=options.out / "parallel-one-gpu.log")
         print("tensor parallel:", split.ready(), "\none GPU per worker:", whole.ready(), flush=True)
         show("both loaded")
         compare_greedy(split, whole, "tensor parallel over 2 GPUs and one GPU")
@@ -199,30 +183,16 @@ def show(what: str) -> list[tuple[int, int]]:
     return processes
 
 
-class Load:
-    """Client threads streaming completions until stopped; counts outcomes."""
+def under_load(url: str) -> Load:
+    """16 clients streaming completions of 64 tokens (EOS ignored) until stopped."""
+    return Load(url, clients=16, route="/v1/completions", max_tokens=64, timeout_s=60, max_s=3600, model=None).start()
 
-    def __init__(self, url: str, clients: int = 16):
-        self.url, self.stop_event, self.counts = url, threading.Event(), {"ok": 0, "failed": 0}
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-        for thread in self.threads:
-            thread.start()
 
-    def _client(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                answer = requests.post(f"{self.url}/v1/completions", timeout=60, json={
-                    "prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True, "temperature": 0})
-                self.counts["ok" if answer.status_code == 200 else "failed"] += 1
-            except requests.RequestException:
-                self.counts["failed"] += 1
-                time.sleep(0.2)
-
-    def end(self) -> dict:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=90)
-        return self.counts
+def counts(load: Load) -> dict:
+    """Stop the load; its requests answered and not."""
+    outcomes = load.stop()
+    answered = sum(outcome.ok for outcome in outcomes)
+    return {"ok": answered, "failed": len(outcomes) - answered}
 
 
 def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
@@ -241,11 +211,11 @@ def orphan_server_args(options) -> list[str]:
 
 
 def orphans(model: Path, options) -> None:
-    server = Server(model, *orphan_server_args(options), log=options.out / "orphans.log")
-    try:
+    with Servers(STOP_WAIT_S) as servers:
+        server = servers.add(Server(model, *orphan_server_args(options), log=options.out / "orphans.log"))
         worker = server.ready()["pid"]
         before = {pid for pid, _ in show("loaded")}
-        load = Load(server.url)
+        load = under_load(server.url)
         time.sleep(3)
         os.kill(worker, signal.SIGKILL)
         gone = wait_gone(before)
@@ -260,32 +230,28 @@ def orphans(model: Path, options) -> None:
         worker = server.ready()["pid"]
         print(f"HUP under load: the old engine's GPU processes gone after {gone:.1f} s; new worker {worker}")
         before = {pid for pid, _ in show("after HUP")}
-        print("requests during the kill and the reload:", load.end(), flush=True)
-        load = Load(server.url)
+        print("requests during the kill and the reload:", counts(load), flush=True)
+        load = under_load(server.url)
         time.sleep(3)
         os.kill(server.process.pid, signal.SIGTERM)
         code = server.process.wait(timeout=120)
-        print(f"SIGTERM under load: master exited {code}; requests: {load.end()}")
+        print(f"SIGTERM under load: master exited {code}; requests: {counts(load)}")
         print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
         show("after SIGTERM")
-    finally:
-        server.stop()
     orphans_master(model, options)
 
 
 def orphans_master(model: Path, options) -> None:
-    server = Server(model, *orphan_server_args(options), log=options.out / "orphans-master.log")
-    try:
+    with Servers(STOP_WAIT_S) as servers:  # stops the server only if the check failed before the kill
+        server = servers.add(Server(model, *orphan_server_args(options), log=options.out / "orphans-master.log"))
         server.ready()
         before = {pid for pid, _ in show("second server loaded")}
-        load = Load(server.url)
+        load = under_load(server.url)
         time.sleep(3)
         os.kill(server.process.pid, signal.SIGKILL)
         print(f"kill -9 of the master under load: its worker's engine GPU processes gone after "
-              f"{wait_gone(before):.1f} s; requests: {load.end()}")
+              f"{wait_gone(before):.1f} s; requests: {counts(load)}")
         show("after kill -9 of the master")
-    finally:
-        server.stop()  # only if the check failed before the kill
 
 
 def main() -> None:
@@ -302,7 +268,6 @@ def main() -> None:
     cli.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     options = cli.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
-    stop_on_sigterm()
     checks = {"ceiling": ceiling, "correctness": correctness, "parallel": parallel, "orphans": orphans,
               "orphans-master": orphans_master}
     checks[options.check](options.dir, options)

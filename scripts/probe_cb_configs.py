@@ -16,27 +16,15 @@ Usage: python scripts/probe_cb_configs.py CONFIG_AND_TOKENIZER_DIR [--shape 135m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
-SHAPES = {  # SmolLM2 sizes; 135m is the embedded model's own config; 8b: a Llama-3-8B-sized one (grouped KV heads)
-    "135m": {},
-    "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "head_dim": 64},
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 128},
-}
-
-
-def random_model(source: str, shape: str):
-    config = AutoConfig.from_pretrained(source)
-    for key, value in SHAPES[shape].items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only to check the script itself
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit, gunicorn_llm
+from benchkit.models import add_probe_arguments, probe_prompts, random_model  # noqa: E402
 
 
 def generation_config(per_request_sampling: bool, new_tokens: int) -> GenerationConfig:
@@ -61,11 +49,7 @@ def run(model, prompts, config: GenerationConfig, cb: dict) -> float:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("source")
-    cli.add_argument("--shape", choices=SHAPES, default="135m")
-    cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
-    cli.add_argument("--prompt-len", type=int, default=128)
-    cli.add_argument("--output-len", type=int, default=128)
+    add_probe_arguments(cli)
     options = cli.parse_args()
     model = random_model(options.source, options.shape)
     settings = {
@@ -82,7 +66,7 @@ def main() -> None:
     for name, (per_request, cb) in settings.items():
         figures = []
         for count in options.requests:
-            prompts = [[(7 * i + j) % 30000 + 100 for j in range(options.prompt_len)] for i in range(count)]
+            prompts = probe_prompts(count, options.prompt_len)
             try:
                 figures.append(f"{run(model, prompts, generation_config(per_request, options.output_len), cb):.0f}")
             except Exception as error:  # noqa: BLE001 - a setting this transformers refuses is a finding too

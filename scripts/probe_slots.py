@@ -18,13 +18,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from probe_cb_configs import random_model  # noqa: E402
-from gunicorn_llm.request_schema import SamplingParams  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit, gunicorn_llm
+from benchkit.models import add_probe_arguments, probe_prompts, random_model  # noqa: E402
 from gunicorn_llm.engines.transformers_slots import SlotBatching  # noqa: E402
+from gunicorn_llm.request_schema import SamplingParams  # noqa: E402
 
 
 def cache_bytes() -> int:
@@ -46,7 +43,7 @@ def generate_all(slots: SlotBatching, prompts: list[list[int]], new_tokens: int)
 
 
 def throughput(slots: SlotBatching, count: int, prompt_len: int, new_tokens: int) -> float:
-    prompts = [[(7 * i + j) % 30000 + 100 for j in range(prompt_len)] for i in range(count)]
+    prompts = probe_prompts(count, prompt_len)
     generate_all(slots, prompts[:4], 4)  # warm-up: allocator, kernels' first launch
     started = time.perf_counter()
     tokens = sum(map(len, generate_all(slots, prompts, new_tokens)))
@@ -61,11 +58,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("source")
-    cli.add_argument("--shape", default="135m")
-    cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
-    cli.add_argument("--prompt-len", type=int, default=128)
-    cli.add_argument("--output-len", type=int, default=128)
+    add_probe_arguments(cli)
     cli.add_argument("--slots", type=int, default=128)
     cli.add_argument("--max-len", type=int, default=512)
     options = cli.parse_args()

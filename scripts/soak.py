@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections import Counter
 from datetime import date
@@ -26,9 +24,9 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from server_processes import free_port, wait_ready  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the repository root: benchkit
+from benchkit.load import Clients  # noqa: E402
+from benchkit.servers import Servers, ServerProcess  # noqa: E402
 
 DOC = ROOT / "docs" / "soak.md"
 
@@ -44,62 +42,45 @@ def main() -> None:
     cli.add_argument("--client-timeout-s", type=float, default=300)
     options = cli.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(ROOT / "start_gunicorn.sh"), "--infer_type", options.infer_type, "--cpu-workers",
-               str(options.workers), "--port", str(port), "--max-waiting", str(options.concurrency)]
-    print("$", " ".join(command), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: still stop the server
-    log = open("/tmp/soak-server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
-    try:
-        wait_ready(url, options.workers, server, timeout_s=600)
-        report = soak(url, server, options)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=120)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with Servers(stop_wait_s=120) as servers:  # however the run ends (a SIGTERM too), the server is stopped
+        server = servers.add(ServerProcess.launch(
+            ["--infer_type", options.infer_type, "--cpu-workers", str(options.workers),
+             "--max-waiting", str(options.concurrency)], Path(tempfile.gettempdir()) / "soak-server.log", env))
+        server.wait_loaded(options.workers, timeout_s=600)
+        report = soak(server, options)
     print(report)
     DOC.write_text(report + "\n")
 
 
-def soak(url: str, server: subprocess.Popen, options) -> str:
-    outcomes: Counter = Counter()
-    tokens = [0]
-    lock = threading.Lock()
-    stop_at = time.monotonic() + options.minutes * 60
+def soak(server: ServerProcess, options) -> str:
+    sessions = [requests.Session() for _ in range(options.concurrency)]  # one kept-alive connection per client
 
-    def client(index: int) -> None:
-        session = requests.Session()
-        body = {"prompt": f"Client {index} asks: tell me something about the number {index}.",
+    def request(client: int, _n: int) -> tuple[str, int]:
+        """(outcome, tokens generated) of one request."""
+        body = {"prompt": f"Client {client} asks: tell me something about the number {client}.",
                 "max_tokens": options.max_tokens, "ignore_eos": True, "temperature": 0.7}
-        while time.monotonic() < stop_at:
-            try:
-                response = session.post(f"{url}/v1/completions", json=body, timeout=options.client_timeout_s)
-                outcome = str(response.status_code)
-                generated = response.json()["usage"]["completion_tokens"] if response.ok else 0
-            except requests.Timeout:
-                outcome, generated = "timeout", 0
-            except requests.RequestException as error:
-                outcome, generated = type(error).__name__, 0
-            with lock:
-                outcomes[outcome] += 1
-                tokens[0] += generated
+        try:
+            response = sessions[client].post(f"{server.url}/v1/completions", json=body,
+                                             timeout=options.client_timeout_s)
+            return str(response.status_code), response.json()["usage"]["completion_tokens"] if response.ok else 0
+        except requests.Timeout:
+            return "timeout", 0
+        except requests.RequestException as error:
+            return type(error).__name__, 0
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(options.concurrency)]
     started = time.monotonic()
-    for thread in threads:
-        thread.start()
+    clients = Clients(request, options.concurrency, duration_s=options.minutes * 60).start()
     memory: dict[int, list[float]] = {}
-    while time.monotonic() < stop_at:
-        for worker in psutil.Process(server.pid).children():
+    while time.monotonic() < clients.deadline:
+        for worker in psutil.Process(server.process.pid).children():
             memory.setdefault(worker.pid, []).append(worker.memory_info().rss / 2**20)
         time.sleep(options.sample_s)
-    for thread in threads:
-        thread.join(timeout=options.client_timeout_s + 10)
-    hung = sum(thread.is_alive() for thread in threads)
+    sent = clients.join(timeout_s=options.client_timeout_s + 10)
+    hung = clients.alive()
     elapsed = time.monotonic() - started
-    return render(options, outcomes, tokens[0], elapsed, memory, hung)
+    outcomes = Counter(one.result[0] for one in sent)
+    return render(options, outcomes, sum(one.result[1] for one in sent), elapsed, memory, hung)
 
 
 def render(options, outcomes: Counter, tokens: int, elapsed: float, memory: dict[int, list[float]], hung: int) -> str:

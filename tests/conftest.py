@@ -3,22 +3,18 @@ server per engine for the modules that hold both engines to one contract."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
+from benchkit.servers import ServerNotReady, ServerProcess, free_port, launcher_command, stop_servers
+
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = ROOT / "start_gunicorn.sh"
 
 
 @pytest.fixture(scope="session")
@@ -61,27 +57,13 @@ def direct_prompt_logprobs(reference_model, prompt: str):
     return torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """A real gunicorn server started with start_gunicorn.sh, stopped with SIGTERM."""
 
     def __init__(self, args: list[str], state_dir: Path, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = state_dir / f"server-{self.port}.log"
+        port = free_port()
         self.env = {**os.environ, "DISPATCHER_STATE": str(state_dir / "slices.json"), **(env or {})}
-        self.process = subprocess.Popen(
-            [str(LAUNCHER), "--port", str(self.port), *args],
-            env=self.env,
-            stdout=self.log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(launcher_command(port, args), port, state_dir / f"server-{port}.log", self.env)
 
     def infer(self, instances: list[str], **params) -> list:
         """POST /infer and return the answer, failing the test on any status but 200."""
@@ -89,45 +71,13 @@ class Server:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def worker_pids(self) -> set[int]:
-        return {child.pid for child in psutil.Process(self.process.pid).children()}
-
     def wait_until_ready(self, workers: int, timeout_s: float = 180) -> dict[int, str]:
         """Poll /ready until `workers` distinct workers answered 200; return pid -> slice."""
-        ready: dict[int, str] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(ready) < workers:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(ready)} of {workers} workers ready:\n{self.log()[-3000:]}")
-            try:
-                response = requests.get(f"{self.url}/ready", timeout=5)
-                if response.status_code == 200 and int(response.headers["X-Worker-Pid"]) in self.worker_pids():
-                    ready[int(response.headers["X-Worker-Pid"])] = response.headers["X-GPU-Slice"]
-            except requests.RequestException:  # not listening yet, or busy loading: ask again
-                pass
-            time.sleep(0.2)
-        return ready
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:  # the workers lead process groups of their own: a group kill of the master's misses them
-                tree = psutil.Process(self.process.pid).children(recursive=True)
-            except psutil.Error:
-                tree = []
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                for process in tree:
-                    with contextlib.suppress(psutil.Error):
-                        process.kill()
-                self.process.wait()
+        try:
+            ready = self.ready_workers(workers, timeout_s)
+        except ServerNotReady as error:
+            raise AssertionError(str(error)) from None
+        return {pid: answer["slice"] for pid, answer in ready.items()}
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +91,7 @@ def start_server(tmp_path_factory):
         return server
 
     yield start
-    for server in servers:
-        server.stop()
+    stop_servers(servers)
 
 
 # Launcher arguments, environment and readiness wait of one small server (1 CPU worker) per engine. Eager mode and a

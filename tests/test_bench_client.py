@@ -1,4 +1,5 @@
-"""bench.py, the benchmark client, end to end against a real server (transformers engine, 1 CPU worker).
+"""bench.py, the benchmark client (its code in benchkit/), end to end against a real server (transformers engine,
+1 CPU worker).
 
 One run drives the same server through all four protocols as four "servers" (`/infer`, `/generate`,
 `/v1/completions`, `/v1/chat/completions`), interleaved, so that every request path and the ratios are exercised at
@@ -18,6 +19,9 @@ import sys
 import pytest
 
 import bench
+from benchkit import stats
+from benchkit.client import Server
+from benchkit.prompts import PromptMaker, load_tokenizer
 from conftest import ROOT, free_port
 
 PROMPT_LEN, OUTPUT_LEN, REQUESTS, LEVELS = 16, 8, 4, (1, 4)
@@ -69,10 +73,10 @@ def test_every_request_is_measured(server, every_protocol, protocol, level):
         assert summary["input_tokens"] == requests * PROMPT_LEN
     elif protocol == "chat":  # the chat template adds its tokens
         assert summary["input_tokens"] > requests * PROMPT_LEN
-    for name in bench.LATENCIES:
-        for p in bench.PERCENTILES:
+    for name in stats.LATENCIES:
+        for p in stats.PERCENTILES:
             assert summary[f"{name}_ms_p{p}"] > 0, name
-    for p in bench.PERCENTILES:
+    for p in stats.PERCENTILES:
         assert summary[f"ttft_ms_p{p}"] <= summary[f"e2e_ms_p{p}"]
         assert summary[f"tpot_ms_p{p}"] < summary[f"e2e_ms_p{p}"]
     assert summary["output_tok_s"] > 0
@@ -87,7 +91,7 @@ def test_ratios_compare_with_the_first_server(every_protocol):
     ratios = document["ratios"]
     assert {(r["server"], r["baseline"], r["concurrency"]) for r in ratios} == {
         (p, "infer", c) for p in PROTOCOLS[1:] for c in LEVELS}
-    assert all(row[key] > 0 for row in ratios for key in bench.RATIO_METRICS)
+    assert all(row[key] > 0 for row in ratios for key in stats.RATIO_METRICS)
     assert "ratio (server / baseline" in process.stdout
     assert "TTFT ms p50/90/99" in process.stdout
     assert "generate / infer" in process.stdout
@@ -127,7 +131,7 @@ def test_client_processes_share_the_clients(server, tmp_path):
 
 
 def test_interleaved_runs_alternate_which_server_goes_first():
-    a, b = bench.Server("a", "http://a", "infer"), bench.Server("b", "http://b", "infer")
+    a, b = Server("a", "http://a", "infer"), Server("b", "http://b", "infer")
     order = [(s.name, level, repeat) for s, level, repeat in bench.schedule([a, b], [1, 4], 2, interleave=True)]
     assert order == [("a", 1, 0), ("b", 1, 0), ("b", 1, 1), ("a", 1, 1),
                      ("a", 4, 0), ("b", 4, 0), ("b", 4, 1), ("a", 4, 1)]
@@ -139,7 +143,7 @@ def test_interleaved_runs_alternate_which_server_goes_first():
 def test_repeats_combine_into_medians_and_sums():
     runs = [{"requests": 4, "failures": 0, "output_tok_s": v, "ttft_ms_p50": v, "output_len_min": v,
              "output_counted_from": source, "errors": {}, "per_worker": {"7": v}} for v, source in ((1, "usage"), (5, "text"), (3, "usage"))]
-    combined = bench.combine_repeats(runs)
+    combined = stats.combine_repeats(runs)
     assert combined["requests"] == 12 and combined["output_tok_s"] == 3 and combined["ttft_ms_p50"] == 3
     assert combined["output_len_min"] == 1 and combined["output_counted_from"] == "text/usage"
     assert combined["per_worker"] == {"7": 9}  # summed over the repeats
@@ -148,14 +152,14 @@ def test_repeats_combine_into_medians_and_sums():
 @pytest.mark.parametrize("kind", ["random", "fixed"])
 @pytest.mark.parametrize("length", [1, 16, 128])
 def test_prompts_have_the_exact_token_length(embedded_model_dir, kind, length):
-    tokenizer = bench.load_tokenizer(str(embedded_model_dir))
-    prompts = bench.PromptMaker(tokenizer, length, kind).make(20, "seed")
+    tokenizer = load_tokenizer(str(embedded_model_dir))
+    prompts = PromptMaker(tokenizer, length, kind).make(20, "seed")
     assert {len(tokenizer(prompt)["input_ids"]) for prompt in prompts} == {length}
     assert len(set(prompts)) == (20 if kind == "random" else 1)
 
 
 def test_url_syntax():
-    assert bench.parse_server("http://h:1", 0, "infer") == bench.Server("h:1", "http://h:1", "infer")
-    assert bench.parse_server("ours=http://h:1/@chat", 0, "infer") == bench.Server("ours", "http://h:1", "chat")
+    assert bench.parse_server("http://h:1", 0, "infer") == Server("h:1", "http://h:1", "infer")
+    assert bench.parse_server("ours=http://h:1/@chat", 0, "infer") == Server("ours", "http://h:1", "chat")
     with pytest.raises(SystemExit):
         bench.parse_server("h:1", 0, "infer")

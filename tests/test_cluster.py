@@ -36,7 +36,7 @@ import psutil
 import pytest
 import requests
 
-from load import Load, summary
+from benchkit.fault_load import Load, summary
 from local_slurm import LocalSlurm, free_port
 
 pytestmark = pytest.mark.timeout(600)

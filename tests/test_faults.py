@@ -1,7 +1,7 @@
 """Faults and life cycle with real processes, under load, each bounded in time.
 
 A real gunicorn server (start_gunicorn.sh, transformers engine, 2 CPU workers, --timeout 20 so drains are short) is
-hit by N client threads (tests/load.py) while its processes are killed or signalled:
+hit by N client threads (benchkit/fault_load.py) while its processes are killed or signalled:
 
 - kill -9 of a worker, round after round (5, or at least 3 when a slow machine makes them long): clients get an
   answer or an error, never a hang; the replacement takes the freed slice; the dispatcher's state file never names a
@@ -31,7 +31,7 @@ import psutil
 import pytest
 import requests
 
-from load import Load, longest_gap, summary
+from benchkit.fault_load import Load, longest_gap, summary
 
 TIMEOUT_S = 20  # --timeout: the graceful drain, and how long a request waits for a loading model
 KILL_ROUNDS = 5
@@ -270,7 +270,7 @@ def test_sigterm_under_load_drains_in_flight_requests_and_leaves_nothing(server)
         in_flight = wait_until(settled_requests, 60, "3 requests in flight")
         term_at = time.monotonic()
         os.kill(master, signal.SIGTERM)  # the launcher exec'd gunicorn: this pid is the master
-        load._stop.set()  # no new requests from the load: what ran at the SIGTERM is what must drain
+        load.stop_sending()  # what ran at the SIGTERM is what must drain
 
         time.sleep(0.5)  # the drain has started; the master closed its listening socket at once
         probe_at = time.monotonic()

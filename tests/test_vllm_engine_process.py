@@ -19,8 +19,8 @@ import time
 import psutil
 import pytest
 
+from benchkit.fault_load import Load, summary
 from gunicorn_llm.ops.engine_processes import group_members
-from load import Load, summary
 from test_faults import acceptable_under_kill, alive, wait_until
 
 # A 1 GiB KV cache and the engine core's own process, as on GPUs; a short drain keeps stops quick.
