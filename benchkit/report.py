@@ -39,8 +39,8 @@ def print_ratios(rows: list[dict]) -> None:
               f"{'TTFT p50':>8} {'TPOT p50':>8} {'ITL p50':>8} {'E2E p50':>8} {'E2E p99':>8}")
     print(header)
     for row in rows:
-        values = " ".join(f"{number(row[key], 2):>{width}}" for key, width in zip(RATIO_METRICS, (9, 9, 6, 8, 8,
-                                                                                                   8, 8, 8)))
+        widths = (9, 9, 6, 8, 8, 8, 8, 8)
+        values = " ".join(f"{number(row[key], 2):>{width}}" for key, width in zip(RATIO_METRICS, widths, strict=True))
         print(f"{(row['server'] + ' / ' + row['baseline'])[:28]:<28} {row['concurrency']:>4} {values}")
 
 
@@ -61,7 +61,7 @@ def write_plot(path: Path, summary: dict, servers: list[Server], levels: list[in
                 for c in levels]
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for axis, (key, p90_key, panel_title) in zip(axes.flat, panels):
+    for axis, (key, p90_key, panel_title) in zip(axes.flat, panels, strict=False):
         for index, server in enumerate(servers):
             color = f"C{index}"
             axis.plot(levels, values(server, key), "o-", color=color,

@@ -44,7 +44,7 @@ def count_output_tokens(outcomes: list[Outcome], tokenizer) -> None:
     to_tokenize = [o for o in outcomes if o.error is None and not (o.usage or {}).get("completion_tokens")]
     if to_tokenize:
         texts = ["".join(o.texts) for o in to_tokenize]
-        for outcome, ids in zip(to_tokenize, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        for outcome, ids in zip(to_tokenize, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
             outcome.output_tokens = len(ids)
             outcome.counted_from = "text"
     for outcome in outcomes:
@@ -87,7 +87,7 @@ def summarize(outcomes: list[Outcome], elapsed: float, cpu: float, options) -> d
     }
     for name, values in samples.items():
         summary[f"{name}_ms_mean"] = 1000 * statistics.fmean(values) if values else None
-        for p, value in zip(PERCENTILES, percentiles(values)):
+        for p, value in zip(PERCENTILES, percentiles(values), strict=True):
             summary[f"{name}_ms_p{p}"] = None if value is None else 1000 * value
     summary["errors"] = dict(Counter(o.error for o in outcomes if o.error).most_common(5))
     summary["per_worker"] = dict(Counter(o.worker for o in ok if o.worker))

@@ -22,7 +22,8 @@ def main() -> None:
     folder = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     prompts = [f"Write a long story about dragon number {i}." for i in range(REQUESTS)]
-    print(f"| dtype | batched generate (tok/s) | continuous batching (tok/s) | {REQUESTS} requests x {NEW_TOKENS} tokens |")
+    print(f"| dtype | batched generate (tok/s) | continuous batching (tok/s) | "
+          f"{REQUESTS} requests x {NEW_TOKENS} tokens |")
     print("| --- | --- | --- | --- |")
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()

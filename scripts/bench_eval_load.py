@@ -63,7 +63,8 @@ def option_loglikelihood(url: str, model: str | None, context: str, option: str,
     answer.raise_for_status()
     logprobs = answer.json()["choices"][0]["logprobs"]
     offsets, values = logprobs["text_offset"], logprobs["token_logprobs"]
-    return sum(value for offset, value in zip(offsets, values) if offset >= len(context) and value is not None)
+    return sum(value for offset, value in zip(offsets, values, strict=True)
+               if offset >= len(context) and value is not None)
 
 
 def generate_until(url: str, model: str | None, prompt: str, max_tokens: int, session) -> str:
@@ -141,7 +142,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     first = next(iter(results.values()), None)
     for name, (scoring, generating, chosen) in results.items():
-        agree = sum(a == b for a, b in zip(chosen, first[2]))
+        agree = sum(a == b for a, b in zip(chosen, first[2], strict=True))
         print(f"| {name} | {scoring:.1f} | {generating:.1f} | {scoring + generating:.1f} | "
               f"{(first[0] + first[1]) / (scoring + generating):.2f} | {agree}/{len(chosen)} |")
 

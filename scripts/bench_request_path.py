@@ -118,7 +118,7 @@ def __getattr__(name: str):
 
 
 def main() -> None:
-    from benchkit.servers import Servers, ServerProcess, free_port
+    from benchkit.servers import ServerProcess, Servers, free_port
     from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, resolve_model
 
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])

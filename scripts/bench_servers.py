@@ -39,7 +39,7 @@ from urllib.request import urlopen
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository root: benchkit
 from benchkit.models import add_model_arguments, build_model  # noqa: E402
-from benchkit.servers import Servers, ServerProcess, free_port  # noqa: E402
+from benchkit.servers import ServerProcess, Servers, free_port  # noqa: E402
 
 # this server's launcher options per variant (see the docstring)
 TRANSFORMERS = ["--infer_type", "transformers"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository root: benchkit, gunicorn_llm
-from benchkit.servers import Servers, ServerProcess, free_port  # noqa: E402
+from benchkit.servers import ServerProcess, Servers, free_port  # noqa: E402
 from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -23,7 +23,7 @@ from urllib.request import Request, urlopen
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit
 from benchkit.load import send_all  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
-from benchkit.servers import Servers, ServerProcess  # noqa: E402
+from benchkit.servers import ServerProcess, Servers  # noqa: E402
 
 
 def call(url: str, body: dict | None = None) -> tuple[dict, dict]:
@@ -55,7 +55,8 @@ def throughput(url: str, concurrency: int, new_tokens: int) -> str:
     send_all(lambda _client, i: call(f"{url}/infer", {"instances": [f"Request {i} about GPUs"], **body}),
              range(concurrency), concurrency)
     elapsed = time.perf_counter() - started
-    return f"{concurrency} concurrent requests x {new_tokens} tokens: {concurrency * new_tokens / elapsed:.0f} output tok/s"
+    rate = concurrency * new_tokens / elapsed
+    return f"{concurrency} concurrent requests x {new_tokens} tokens: {rate:.0f} output tok/s"
 
 
 def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: str = "auto") -> list[str]:
@@ -69,7 +70,8 @@ def run(model: Path, per_proc_gpus: int, gpu_count: int, port: int, batching: st
         lines = [f"### --per_proc_gpus {per_proc_gpus} --batching {batching}: {workers} workers", "",
                  "$ " + " ".join(server.command), ""]
         ready = server.ready_workers(workers, timeout_s=300)
-        lines += ["| worker pid | slice (CUDA_VISIBLE_DEVICES) | torch.cuda.device_count() | layers on | batching | GPU |",
+        lines += ["| worker pid | slice (CUDA_VISIBLE_DEVICES) | torch.cuda.device_count() | layers on | batching "
+                  "| GPU |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for pid, answer in sorted(ready.items()):
             lines.append(f"| {pid} | {answer['slice']} | {answer['visible_gpus']} | {','.join(answer['layers_on'])} "

@@ -36,7 +36,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit, gunicorn_llm
 from benchkit.fault_load import Load  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
-from benchkit.servers import Servers, ServerProcess, free_port, launcher_command  # noqa: E402
+from benchkit.servers import ServerProcess, Servers, free_port, launcher_command  # noqa: E402
 
 STOP_WAIT_S = 120  # a vLLM engine on GPUs may take a while to stop gracefully
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
@@ -114,7 +114,7 @@ def correctness(source: Path, options) -> None:
         reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
         worst = 0.0
         scores = vllm.post("/infer", {"instances": PROMPTS, "params": {"prompt_logprobs": 0, "max_tokens": 1}})
-        for prompt, row in zip(PROMPTS, scores):
+        for prompt, row in zip(PROMPTS, scores, strict=True):
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
             with torch.inference_mode():
                 logits = reference(ids).logits.float()
@@ -138,11 +138,11 @@ GREEDY = {"temperature": 0, "max_tokens": 32, "ignore_eos": True, "skip_special_
 
 def compare_greedy(one: Server, other: Server, between: str) -> None:
     ours, theirs = (server.post("/infer", {"instances": PROMPTS, "params": GREEDY}) for server in (one, other))
-    equal = sum(a == b for a, b in zip(ours, theirs))
+    equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
     print(f"greedy, 32 tokens, float32: {equal}/{len(PROMPTS)} texts equal between {between}", flush=True)
-    for prompt, a, b in zip(PROMPTS, ours, theirs):
+    for prompt, a, b in zip(PROMPTS, ours, theirs, strict=True):
         if a != b:
-            common_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            common_prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
             print(f"  differ after {common_prefix} characters: {prompt!r}: {a!r} vs {b!r}")
 
 
@@ -157,7 +157,7 @@ def parallel(model: Path, options) -> None:
         show("both loaded")
         compare_greedy(split, whole, "tensor parallel over 2 GPUs and one GPU")
         scoring = {"instances": PROMPTS, "params": {"prompt_logprobs": 0, "max_tokens": 1}}
-        rows = zip(split.post("/infer", scoring), whole.post("/infer", scoring))
+        rows = zip(split.post("/infer", scoring), whole.post("/infer", scoring), strict=True)
         worst = max(abs(a - b) for tp_row, one_row in rows for a, b in zip(tp_row, one_row, strict=True))
         print(f"prompt log-probabilities, tensor parallel vs one GPU: max |difference| {worst:.2e} nats over "
               f"{len(PROMPTS)} prompts", flush=True)

@@ -29,7 +29,8 @@ from benchkit.models import add_probe_arguments, probe_prompts, random_model  # 
 
 def generation_config(per_request_sampling: bool, new_tokens: int) -> GenerationConfig:
     common = {"max_new_tokens": new_tokens, "eos_token_id": -1, "pad_token_id": 0}
-    if per_request_sampling:  # as gunicorn_llm/engines/transformers_continuous.py builds it; top_k=1 per request means greedy
+    # as gunicorn_llm/engines/transformers_continuous.py builds it; top_k=1 per request means greedy
+    if per_request_sampling:
         return GenerationConfig(do_sample=True, temperature=0.5, top_k=50, top_p=0.5, **common)
     return GenerationConfig(do_sample=False, **common)
 

@@ -51,8 +51,9 @@ def throughput(slots: SlotBatching, count: int, prompt_len: int, new_tokens: int
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
-    same = sum(x == y for x, y in zip(a, b))
-    first_split = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b)]
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    first_split = [next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), len(x))
+                   for x, y in zip(a, b, strict=True)]
     return f"{same}/{len(a)} identical; tokens until the first difference: {first_split}"
 
 

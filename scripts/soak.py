@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository root: benchkit
 from benchkit.load import Clients  # noqa: E402
-from benchkit.servers import Servers, ServerProcess  # noqa: E402
+from benchkit.servers import ServerProcess, Servers  # noqa: E402
 
 DOC = ROOT / "docs" / "soak.md"
 

@@ -142,7 +142,8 @@ def test_interleaved_runs_alternate_which_server_goes_first():
 
 def test_repeats_combine_into_medians_and_sums():
     runs = [{"requests": 4, "failures": 0, "output_tok_s": v, "ttft_ms_p50": v, "output_len_min": v,
-             "output_counted_from": source, "errors": {}, "per_worker": {"7": v}} for v, source in ((1, "usage"), (5, "text"), (3, "usage"))]
+             "output_counted_from": source, "errors": {}, "per_worker": {"7": v}}
+            for v, source in ((1, "usage"), (5, "text"), (3, "usage"))]
     combined = stats.combine_repeats(runs)
     assert combined["requests"] == 12 and combined["output_tok_s"] == 3 and combined["ttft_ms_p50"] == 3
     assert combined["output_len_min"] == 1 and combined["output_counted_from"] == "text/usage"
