@@ -4,7 +4,9 @@ Builds a random-weight Llama of the given shape (machines without network cannot
 server named by `--servers` on the same GPUs (or, with `--gpus cpu`, on the CPU: a row a reader without a GPU can
 reproduce), and runs bench.py over all of them interleaved in one run: per concurrency level, one run on each
 server. Prints bench.py's table and ratios (to the first server) and writes its JSON next to the given output
-prefix; the plot is drawn from the JSON where matplotlib is installed. `--no-stream` asks for whole answers.
+prefix; the plot is drawn from the JSON where matplotlib is installed. `--modes whole` asks for whole answers;
+`--modes eval` runs an evaluation harness's load instead (scripts/bench_eval_load.py: multiple-choice scoring and
+generate-until, `--eval-items`, `--eval-generations`, at the first `--concurrency`) against the same servers.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -121,8 +123,11 @@ def main() -> None:
     cli.add_argument("--client-processes", type=int, default=4, help="bench.py's --client-processes")
     cli.add_argument("--stream-interval", type=int, default=1,
                      help="tokens per streamed chunk, for this server's engines and vLLM's own server")
-    cli.add_argument("--modes", nargs="+", choices=("stream", "whole"), default=["stream"],
-                     help="one bench.py run per mode: streamed answers, and/or whole ones (bench.py --no-stream)")
+    cli.add_argument("--modes", nargs="+", choices=("stream", "whole", "eval"), default=["stream"],
+                     help="one run per mode: bench.py with streamed answers, and/or whole ones (bench.py --no-stream), "
+                     "and/or an evaluation load (scripts/bench_eval_load.py)")
+    cli.add_argument("--eval-items", type=int, default=1000, help="--modes eval: multiple-choice items")
+    cli.add_argument("--eval-generations", type=int, default=200, help="--modes eval: generate-until requests")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +153,9 @@ def main() -> None:
                 urls.append(f"{label(spec)}={server.url}@{protocol}")
                 server.wait_loaded(workers, options.ready_timeout)  # one by one: each sizes its cache alone
             for mode in options.modes:  # the same servers for every mode
+                if mode == "eval":
+                    run_eval_load(urls, model, options)
+                    continue
                 out = options.out.with_name(options.out.name + ("" if mode == "stream" else "-whole"))
                 bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--model", str(model),
                          "--no-progress", "--concurrency", *map(str, options.concurrency),
@@ -164,6 +172,17 @@ def main() -> None:
                 print_requests_per_worker(url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
+    """scripts/bench_eval_load.py against the servers (bench.py's NAME=URL@PROTOCOL, its NAME=URL)."""
+    command = [sys.executable, str(ROOT / "scripts" / "bench_eval_load.py"), "--tokenizer", str(model),
+               "--model", str(model), "--items", str(options.eval_items),
+               "--generations", str(options.eval_generations), "--concurrency", str(options.concurrency[0])]
+    for url in bench_urls:
+        command += ["--url", url.rpartition("@")[0]]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=False)
 
 
 def print_requests_per_worker(bench_url: str) -> None:
