@@ -41,7 +41,9 @@ class StructuredOutputs(BaseModel):
                               serialize_by_alias=True)
 
     # `json` would shadow BaseModel.json: the field is named for what it holds and takes vLLM's name as its alias
-    json_schema: str | None = Field(None, alias="json", description="a JSON schema (object or its JSON text)")
+    # a schema object is kept as its canonical JSON text (what the validator below returns)
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json", description="a JSON schema (an object or "
+                                                                                     "its JSON text)")
     json_object: bool | None = Field(None, description="true: any JSON object")
     regex: str | None = Field(None, description="a regular expression the whole answer matches")
     choice: tuple[str, ...] | None = Field(None, min_length=1, description="the answer is one of these strings")
@@ -59,7 +61,7 @@ class StructuredOutputs(BaseModel):
                 value = json.loads(value)
             except json.JSONDecodeError as error:
                 raise ValueError(f"the schema is not valid JSON: {error}") from None
-        if isinstance(value, (dict, bool)):  # `true` is the schema every value meets
+        if isinstance(value, dict):
             return json.dumps(value, sort_keys=True, ensure_ascii=False)
         return value
 
