@@ -65,9 +65,15 @@ class Grammars:
         except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError or ValueError for a bad constraint
             raise ValueError(f"cannot be compiled: {_WHERE_IN_XGRAMMAR.sub('', str(error)).strip()}") from None
 
-    def matcher(self, constraint: StructuredOutputs | None) -> xgrammar.GrammarMatcher | None:
-        """A new sequence's matcher (None for an unconstrained one)."""
-        return None if constraint is None else xgrammar.GrammarMatcher(self.compile(constraint))
+
+
+def new_matcher(grammars: Grammars | None, constraint: StructuredOutputs | None) -> xgrammar.GrammarMatcher | None:
+    """A new sequence's matcher, from a path's `grammars`; None for an unconstrained sequence."""
+    if constraint is None:
+        return None
+    if grammars is None:
+        raise RuntimeError("this batching path was built without grammars: it serves no structured outputs")
+    return xgrammar.GrammarMatcher(grammars.compile(constraint))
 
 
 def mask_logits(logits: torch.Tensor, matchers: Sequence[xgrammar.GrammarMatcher | None]) -> None:

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from gunicorn_llm.engines.base import ChoiceUpdate, EngineDied, GenerationStream, TokenLogprob
-from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits
+from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_matcher
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
 from gunicorn_llm.engines.transformers_scoring import ScoreJob, score_jobs
@@ -224,7 +224,8 @@ class BatchedGenerate(BatchingPath):
 
     def _generate_group(self, jobs: list[GenerateJob]) -> None:
         params = jobs[0].params.model_copy(update={"structured_outputs": None})  # the rows' sampling, shared
-        rows = [_Row(job, choice, self._matcher(job)) for job in jobs for choice in range(params.n)]
+        rows = [_Row(job, choice, new_matcher(self.grammars, job.params.structured_outputs))
+                for job in jobs for choice in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         for start in range(0, len(rows), self.max_batch_size):
@@ -237,10 +238,6 @@ class BatchedGenerate(BatchingPath):
                     row.job.stream.fail(error)
                 if isinstance(error, EngineDied):
                     self.on_death(error)
-
-    def _matcher(self, job: GenerateJob):
-        constraint = job.params.structured_outputs
-        return self.grammars.matcher(constraint) if constraint else None
 
     @torch.inference_mode()
     def _generate_rows(self, rows: list[_Row], params: SamplingParams) -> None:
@@ -269,14 +266,14 @@ class BatchedGenerate(BatchingPath):
                 eos_token_id=None,  # the observer ends rows; generate() stops once every row has ended
                 pad_token_id=self.tokenizer.pad_token_id,
             ),
-            logits_processor=self._sampling_processors(params, prompt_width, observer, observer.rows),
+            logits_processor=self._sampling_processors(params, prompt_width, observer),
             stopping_criteria=StoppingCriteriaList([observer]),
         )
 
     @staticmethod
-    def _sampling_processors(params: SamplingParams, prompt_width: int, observer, rows: list[_Row]
+    def _sampling_processors(params: SamplingParams, prompt_width: int, observer: _StepObserver
                              ) -> LogitsProcessorList:
-        processors: list = [_GrammarMask(rows)] if any(row.matcher for row in rows) else []
+        processors: list = [_GrammarMask(observer.rows)] if any(row.matcher for row in observer.rows) else []
         if params.logprobs is not None:
             processors.append(_RawLogprobs(observer))
         if params.repetition_penalty != 1.0:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
-from gunicorn_llm.engines.grammars import Grammars, advance
+from gunicorn_llm.engines.grammars import Grammars, advance, new_matcher
 from gunicorn_llm.engines.transformers_batching import ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import RowSampler, generator_for
 from gunicorn_llm.request_schema import RequestError, SamplingParams
@@ -198,10 +198,9 @@ class SlotBatching(ContinuousPath):
                                f"{self.max_len - 1} (--max-model-len {self.max_len})")
         sequences: list[_Sequence] = []
         stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences), interval=self.stream_interval)
-        constraint = params.structured_outputs
         sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids,
                                    generator_for(params, choice, self.device),
-                                   self.grammars.matcher(constraint) if constraint else None)
+                                   new_matcher(self.grammars, params.structured_outputs))
                          for choice in range(params.n))
         with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued
             if self._loop_error is not None:
