@@ -8,9 +8,10 @@ Wrong types and out-of-range values raise `RequestError` naming the field.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RequestError(ValueError):
@@ -27,6 +28,90 @@ class RequestError(ValueError):
 
 
 GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
+
+
+class StructuredOutputs(BaseModel):
+    """What the answer must look like: exactly one of a JSON schema, any JSON object, a regular expression, one of
+    some strings, or a grammar (vLLM's `structured_outputs`, with its field names; `response_format` becomes one
+    too). Frozen and hashable like the params that carry it: the schema is kept as canonical JSON text, which is
+    also what compiled grammars are cached by. vLLM's per-request options that its engine ignores (whitespace,
+    additional properties: server settings there) and structural tags are refused, not dropped."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    # `json` would shadow BaseModel.json: the field is named for what it holds and takes vLLM's name as its alias
+    # a schema object is kept as its canonical JSON text (what the validator below returns)
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json", description="a JSON schema (an object or "
+                                                                                     "its JSON text)")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+    regex: str | None = Field(None, description="a regular expression the whole answer matches")
+    choice: tuple[str, ...] | None = Field(None, min_length=1, description="the answer is one of these strings")
+    grammar: str | None = Field(None, min_length=1, description="an EBNF (GBNF) or Lark grammar")
+    disable_any_whitespace: bool = Field(False, description="refused when true: a server setting in vLLM")
+    disable_additional_properties: bool = Field(False, description="refused when true: a server setting in vLLM")
+    whitespace_pattern: str | None = Field(None, description="refused: a server setting in vLLM")
+    structural_tag: str | None = Field(None, description="refused: structural tags are not supported")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_as_canonical_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"the schema is not valid JSON: {error}") from None
+        if isinstance(value, dict):
+            return json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return value
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("json_object")
+    @classmethod
+    def _json_object_is_true(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("json_object must be true if set; leave structured_outputs out for no constraint")
+        return value
+
+    @field_validator("disable_any_whitespace", "disable_additional_properties")
+    @classmethod
+    def _server_settings_in_vllm(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported per request (vLLM's engine takes it as a server setting only)")
+        return value
+
+    @field_validator("whitespace_pattern")
+    @classmethod
+    def _no_whitespace_pattern(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("not supported per request (vLLM's engine ignores it there too)")
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_structural_tags(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("structural tags are not supported by this server")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is, by its field's name in vLLM's request: json, json_object, regex, choice, grammar."""
+        return self._given()[0]
+
+    def _given(self) -> list[str]:
+        return [name for name in ("json", "json_object", "regex", "choice", "grammar")
+                if getattr(self, "json_schema" if name == "json" else name) is not None]
+
+    @model_validator(mode="after")
+    def _exactly_one_constraint(self):
+        given = self._given()
+        if len(given) != 1:
+            raise ValueError("exactly one of json, json_object, regex, choice or grammar is required, "
+                             f"not {len(given)}" + (f" ({', '.join(given)})" if given else ""))
+        return self
 
 
 class SamplingParams(BaseModel):
@@ -52,6 +137,9 @@ class SamplingParams(BaseModel):
         None, ge=0, le=20, description="set: answer per-token prompt log-probabilities instead of generating"
     )
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="constrain the answer to a JSON schema, any JSON object, a regex, a choice or a grammar"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

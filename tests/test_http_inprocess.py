@@ -254,7 +254,7 @@ def test_a_request_id_becomes_the_answers_id(client):
 @pytest.mark.parametrize(("route", "body", "field"), [
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
-    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": QUESTION, "guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"50256": -100}}, "logit_bias"),
     ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
 ])

@@ -27,6 +27,7 @@ VLLM_DEFAULTS = {
     "logprobs": None,
     "prompt_logprobs": None,
     "skip_special_tokens": True,
+    "structured_outputs": None,
 }
 
 

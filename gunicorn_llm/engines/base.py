@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gunicorn_llm.request_schema import SamplingParams
+from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
 
 log = logging.getLogger("gunicorn.error")
 
@@ -193,8 +193,14 @@ class Engine(ABC):
 
         The engine ends a choice on an end-of-sequence token (unless `params.ignore_eos`), on one of
         `params.stop_token_ids` (that token is the choice's last), or after `params.max_tokens` tokens. It ignores
-        `params.stop` strings: the layer above finds them in the text and cancels.
+        `params.stop` strings: the layer above finds them in the text and cancels. With
+        `params.structured_outputs` every choice follows the constraint, and ends (as "stop") when it is complete.
         """
+
+    def check_structured_outputs(self, constraint: StructuredOutputs) -> None:
+        """Compile a structured-output constraint as the engine will (cached), before the request is admitted:
+        ValueError saying why when it cannot be. By default none can: an engine that honours them overrides this."""
+        raise ValueError("structured outputs are not supported by this engine")
 
     @abstractmethod
     def prompt_logprobs(

@@ -12,7 +12,9 @@ is their interface):
 A request goes to the continuous path if it can serve it, else to batched `generate`. A greedy request's `seed` is
 dropped on arrival: it draws nothing, and must not split it from its batch. Prompt log-probabilities go to the
 batched-generate thread on every path, where every request waiting is scored in shared forward passes
-(transformers_scoring.py). Which path served each prompt is counted in /metrics.
+(transformers_scoring.py). Which path served each prompt is counted in /metrics. Structured outputs are compiled
+with xgrammar for this model's tokenizer (grammars.py) when a request arrives, and masked on the slot and
+batched-generate paths; transformers' continuous batching leaves constrained requests to batched `generate`.
 
 The HTTP side lives in http/app.py; text (decoding, stop strings) in generation.py; this file only drives the model.
 """
@@ -26,12 +28,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from gunicorn_llm.engines.base import Engine, GenerationStream, wait_for
+from gunicorn_llm.engines.grammars import Grammars
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_generate import BatchedGenerate
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
-from gunicorn_llm.request_schema import SamplingParams
+from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
 from gunicorn_llm.settings import ServerSettings
 
 log = logging.getLogger("gunicorn.error")
@@ -77,10 +80,12 @@ class TransformersEngine(Engine):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight.shape[0],
+                                 self.eos_token_ids)
         continuous = self._continuous_path(settings)
         self.generate = BatchedGenerate(self.model, self.tokenizer, settings.max_batch_size or GENERATE_BATCH_SIZE,
                                         beside=continuous, on_death=self.die, on_step=self.step_taken,
-                                        stream_interval=settings.stream_interval)
+                                        stream_interval=settings.stream_interval, grammars=self.grammars)
         # In order of preference: a request goes to the first that can serve it, and the first names the worker's
         # batching (batched generate serves everything).
         self.paths: list[BatchingPath] = [path for path in (continuous, self.generate) if path is not None]
@@ -102,7 +107,8 @@ class TransformersEngine(Engine):
             return SlotBatching(self.model, settings.max_batch_size or SLOTS_PER_WORKER, self.max_model_len,
                                 self._slot_cache_bytes(settings),
                                 cuda_graphs=self.device.type == "cuda" and not settings.enforce_eager,
-                                on_death=self.die, on_step=self.step_taken, stream_interval=settings.stream_interval)
+                                on_death=self.die, on_step=self.step_taken, stream_interval=settings.stream_interval,
+                                grammars=self.grammars)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Instances sharing a GPU (--workers-per-gpu) split the memory the cache may take.
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
@@ -153,6 +159,9 @@ class TransformersEngine(Engine):
         path = next(path for path in self.paths if path.can_serve(params))
         metrics.engine_path_taken(path.name)
         return path.start(prompt_ids, params, stop_ids)
+
+    def check_structured_outputs(self, constraint: StructuredOutputs) -> None:
+        self.grammars.compile(constraint)
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         metrics.engine_path_taken("prompt_logprobs", len(prompts))

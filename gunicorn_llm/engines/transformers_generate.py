@@ -1,7 +1,9 @@
 """The batched-`generate` path of the transformers engine, and the thread that scores prompts.
 
 Request threads queue their work; one batching thread takes everything waiting, groups it by sampling parameters and
-runs each group as one batched `generate`. It is the default on CPU, where it measured far faster
+runs each group as one batched `generate`. A structured-output constraint does not split a group: each constrained
+row has its own grammar matcher (grammars.py), which masks the row's logits first among the processors and ends the
+row when its grammar does. It is the default on CPU, where it measured far faster
 (docs/benchmarks.md), the path for a model spread over several GPUs, and the path for what continuous batching
 cannot do. A step observer publishes every row's new token as it is sampled, so this path streams too, and ends a
 row as soon as its client cancels. Sampling transforms are applied by this module's own processor list, so the
@@ -37,6 +39,7 @@ from transformers import (
 )
 
 from gunicorn_llm.engines.base import ChoiceUpdate, EngineDied, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_matcher
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
 from gunicorn_llm.engines.transformers_scoring import ScoreJob, score_jobs
@@ -57,6 +60,7 @@ class GenerateJob:
 class _Row:
     job: GenerateJob
     choice: int
+    matcher: object | None = None  # a constrained row's xgrammar matcher (grammars.py)
     done: bool = False
 
 
@@ -105,7 +109,7 @@ class _StepObserver(StoppingCriteria):
                 if row.job.stream.cancelled:
                     row.done = True
                 else:
-                    reason = ("stop" if token in self.stop_ids
+                    reason = ("stop" if advance(row.matcher, token) or token in self.stop_ids
                               else "length" if generated >= self.params.max_tokens else None)
                     row.done = reason is not None
                     entry = [logprobs[index]] if logprobs is not None else None
@@ -139,15 +143,29 @@ class _RawLogprobs(LogitsProcessor):
         return scores
 
 
+class _GrammarMask(LogitsProcessor):
+    """First among the logits processors: each constrained row still running keeps only the tokens its grammar
+    allows next (the observer advances the matchers with the tokens drawn)."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask_logits(scores, [None if row.done else row.matcher for row in self.rows])
+        return scores
+
+
 class BatchedGenerate(BatchingPath):
     name = "generate"
 
     def __init__(self, model, tokenizer, max_batch_size: int, beside: ContinuousPath | None, on_death, on_step,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, grammars: Grammars | None = None):
         """`tokenizer`: pads prompts on the left; `max_batch_size`: rows per `generate` call; `beside`: the
         continuous path paused while this thread runs; `on_death(error)`: called when a step raises EngineDied;
         `on_step()`: called once per generation step; `stream_interval`: tokens per streamed update
-        (GenerationStream)."""
+        (GenerationStream); `grammars`: the compiled structured-output constraints (needed for requests that have
+        one)."""
+        self.grammars = grammars
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.get_input_embeddings().weight.device
@@ -199,14 +217,15 @@ class BatchedGenerate(BatchingPath):
                 for job in (job for job in jobs if isinstance(job, GenerateJob)):
                     if job.params.seed is not None:  # never batched with others: that keeps it reproducible
                         self._generate_group([job])
-                    else:
-                        groups.setdefault(job.params, []).append(job)
+                    else:  # each row's constraint is its own matcher's: it does not split a batch
+                        groups.setdefault(job.params.model_copy(update={"structured_outputs": None}), []).append(job)
                 for group in groups.values():
                     self._generate_group(group)
 
     def _generate_group(self, jobs: list[GenerateJob]) -> None:
-        params = jobs[0].params
-        rows = [_Row(job, choice) for job in jobs for choice in range(params.n)]
+        params = jobs[0].params.model_copy(update={"structured_outputs": None})  # the rows' sampling, shared
+        rows = [_Row(job, choice, new_matcher(self.grammars, job.params.structured_outputs))
+                for job in jobs for choice in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         for start in range(0, len(rows), self.max_batch_size):
@@ -252,8 +271,11 @@ class BatchedGenerate(BatchingPath):
         )
 
     @staticmethod
-    def _sampling_processors(params: SamplingParams, prompt_width: int, observer) -> LogitsProcessorList:
-        processors: list = [_RawLogprobs(observer)] if params.logprobs is not None else []
+    def _sampling_processors(params: SamplingParams, prompt_width: int, observer: _StepObserver
+                             ) -> LogitsProcessorList:
+        processors: list = [_GrammarMask(observer.rows)] if any(row.matcher for row in observer.rows) else []
+        if params.logprobs is not None:
+            processors.append(_RawLogprobs(observer))
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:

@@ -3,7 +3,8 @@ slot engine needs it (transformers_slots.py); the log-probability and penalty ar
 paths of the transformers engine, so that they report the same numbers.
 
 Per row, in the batched-generate path's order (transformers_generate.py, which uses transformers' processors): the
-model's log-probabilities (before any transform, as vLLM reports them), repetition penalty (over prompt and
+structured-output mask (grammars.py: a constrained row keeps only the tokens its grammar allows), the
+model's log-probabilities (before any other transform, as vLLM reports them), repetition penalty (over prompt and
 output), presence and frequency penalties (over the output), then temperature, top-k, top-p and min-p, and the draw.
 Everything is vectorised over the rows; a row pays only for what its request asks for (log-probabilities and
 penalties are computed for the rows that want them only).
@@ -19,6 +20,7 @@ from typing import Protocol
 import torch
 
 from gunicorn_llm.engines.base import TokenLogprob
+from gunicorn_llm.engines.grammars import mask_logits
 from gunicorn_llm.request_schema import SamplingParams
 
 
@@ -29,6 +31,7 @@ class SampledRow(Protocol):
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None  # a seeded sampling sequence's own random numbers; None: the global ones
+    matcher: object | None  # a constrained sequence's xgrammar matcher (grammars.py); None: unconstrained
 
 
 def generator_for(params: SamplingParams, choice: int, device: torch.device) -> torch.Generator | None:
@@ -70,6 +73,7 @@ class RowSampler:
     def next_tokens(self, logits: torch.Tensor, rows: list[SampledRow]
                     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token, and its log-probability entry where its request asked for them."""
+        mask_logits(logits, [row.matcher for row in rows])
         wanting = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
         model_logprobs = torch.log_softmax(logits[wanting], dim=-1) if wanting else None  # before any transform
         self._penalize(logits, rows)

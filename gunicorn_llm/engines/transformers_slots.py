@@ -15,7 +15,8 @@ garbage nobody reads. New prompts are prefilled eagerly, several together, into 
 The model runs unmodified: `SlotCache` is its `past_key_values` (attention layers call only `update`), and a 4D
 mask limits each row to its own tokens. Sampling runs after the graph, every row under its own request's parameters
 (transformers_sampling.py: log-probabilities, penalties, temperature, top-k, top-p, min-p, and one generator per
-seeded sequence), so every generation request can be served here.
+seeded sequence, and the structured-output mask of constrained sequences, grammars.py), so every generation
+request can be served here, constrained and unconstrained ones in the same batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.grammars import Grammars, advance, new_matcher
 from gunicorn_llm.engines.transformers_batching import ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import RowSampler, generator_for
 from gunicorn_llm.request_schema import RequestError, SamplingParams
@@ -126,6 +128,7 @@ class _Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     generator: torch.Generator | None  # a seeded sampling choice's own random numbers
+    matcher: object | None = None  # a constrained choice's xgrammar matcher (grammars.py)
     arrived: float = field(default_factory=time.monotonic)
     position: int = 0  # the cache column the next token is written to (= tokens in the cache)
     output_ids: list[int] = field(default_factory=list)
@@ -136,10 +139,12 @@ class SlotBatching(ContinuousPath):
     name = "slots"
 
     def __init__(self, model, slots: int, max_len: int, cache_bytes: int, cuda_graphs: bool, on_death, on_step,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, grammars: Grammars | None = None):
         """`slots`: sequences at most (fewer if their cache would not fit in `cache_bytes`); `max_len`: prompt plus
         generated tokens; `on_death(error)`: called once if the loop dies; `on_step()`: called once per decode
-        step; `stream_interval`: tokens per streamed update (GenerationStream)."""
+        step; `stream_interval`: tokens per streamed update (GenerationStream); `grammars`: the compiled
+        structured-output constraints (needed for requests that have one)."""
+        self.grammars = grammars
         self.stream_interval = stream_interval
         self.model = model
         self.decoder = model.get_decoder()
@@ -194,7 +199,9 @@ class SlotBatching(ContinuousPath):
         sequences: list[_Sequence] = []
         stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences), interval=self.stream_interval)
         sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids,
-                                   generator_for(params, choice, self.device)) for choice in range(params.n))
+                                   generator_for(params, choice, self.device),
+                                   new_matcher(self.grammars, params.structured_outputs))
+                         for choice in range(params.n))
         with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued
             if self._loop_error is not None:
                 raise RuntimeError(f"the generation loop died: {self._loop_error}")
@@ -344,7 +351,7 @@ class SlotBatching(ContinuousPath):
             if sequence.cancelled:
                 ended.append(slot)
                 continue
-            reason = ("stop" if token in sequence.stop_ids
+            reason = ("stop" if advance(sequence.matcher, token) or token in sequence.stop_ids
                       else "length" if len(sequence.output_ids) >= sequence.params.max_tokens
                       or len(sequence.prompt_ids) + len(sequence.output_ids) >= self.max_len else None)
             entries = None if logprob is None else [logprob]

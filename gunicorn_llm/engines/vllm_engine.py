@@ -16,11 +16,16 @@ Either way, no engine process outlives its worker: every process the worker star
 group (ops/engine_processes.py), and the gunicorn master ends whatever is left of a worker that exited, before its
 slice is given to a replacement.
 
+Structured outputs go to vLLM's own structured decoding (`StructuredOutputsParams`, its default backend); a request's
+constraint is first checked by vLLM's own validation in the request thread (cached by the constraint), so one that
+cannot compile is the client's 400, not a failed generation.
+
 The HTTP side lives in http/app.py; this file only builds and drives the engine.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -31,10 +36,11 @@ from dataclasses import dataclass, field
 
 from gunicorn_llm.engines.base import ChoiceUpdate, DeadlineExceeded, Engine, GenerationStream, TokenLogprob, wait_for
 from gunicorn_llm.engines.cpu_memory import cpu_kv_cache_bytes
-from gunicorn_llm.request_schema import SamplingParams
+from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
 from gunicorn_llm.settings import ServerSettings
 
 log = logging.getLogger("gunicorn.error")
+CACHED_CONSTRAINT_CHECKS = 256
 SHUTDOWN_TIMEOUT_S = 10.0  # for vLLM's engine core to stop when asked, before the worker's group is signalled
 
 
@@ -99,6 +105,7 @@ class VLLMEngine(Engine):
         self.max_model_len = self.engine.model_config.max_model_len
         self._incoming: queue.Queue = queue.Queue()
         self._running: dict[str, Submission] = {}
+        self._constraint_problem = functools.lru_cache(maxsize=CACHED_CONSTRAINT_CHECKS)(self._find_constraint_problem)
         threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
 
     def running(self) -> int:
@@ -124,6 +131,26 @@ class VLLMEngine(Engine):
         submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
         self._incoming.put(("add", submission))
         return submission.stream
+
+    def check_structured_outputs(self, constraint: StructuredOutputs) -> None:
+        problem = self._constraint_problem(constraint)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _find_constraint_problem(self, constraint: StructuredOutputs) -> str | None:
+        """What vLLM's request validation says of the constraint (it compiles it with the backend it would pick),
+        or None; the engine's own request processing runs the same validation again, on a fresh copy."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.exceptions import VLLMClientError
+
+        processor = self.engine.input_processor
+        try:
+            VLLMSamplingParams(structured_outputs=_structured_outputs(constraint)).verify(
+                processor.model_config, processor.speculative_config, processor.structured_outputs_config,
+                processor.tokenizer)
+        except (ValueError, VLLMClientError) as error:  # what vLLM's own server answers with a 400
+            return f"cannot be compiled: {error}"
+        return None
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         from vllm import SamplingParams as VLLMSamplingParams
@@ -167,6 +194,7 @@ class VLLMEngine(Engine):
             ignore_eos=params.ignore_eos,
             max_tokens=params.max_tokens,
             logprobs=params.logprobs,
+            structured_outputs=_structured_outputs(params.structured_outputs) if params.structured_outputs else None,
             # Text and stop strings are found above the engine, for both engines alike (generation.py).
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
@@ -244,6 +272,15 @@ def _fail(submission: Submission, error: BaseException) -> None:
         submission.result.set_exception(error)
     else:
         submission.stream.fail(error)
+
+
+def _structured_outputs(constraint: StructuredOutputs):
+    """The constraint as vLLM's StructuredOutputsParams (a fresh one: vLLM's validation rewrites it)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=constraint.json_schema, json_object=constraint.json_object,
+                                   regex=constraint.regex, grammar=constraint.grammar,
+                                   choice=list(constraint.choice) if constraint.choice else None)
 
 
 def _token_logprob(token: int, entry: dict, top: int) -> TokenLogprob:

@@ -162,6 +162,20 @@ def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}", param)
 
 
+def check_structured_outputs(engine: Engine, params: SamplingParams, field: str | None = None,
+                             prefix: str = "structured_outputs") -> None:
+    """A structured-output constraint the engine cannot compile is the client's 400, before the request is
+    admitted. It names `field`, by default the constraint's own under `prefix` (e.g. `structured_outputs.regex`)."""
+    constraint = params.structured_outputs
+    if constraint is None:
+        return
+    try:
+        engine.check_structured_outputs(constraint)
+    except ValueError as error:
+        field = field or f"{prefix}.{constraint.kind}"
+        raise RequestError(f"{field}: {error}", field) from None
+
+
 def check_model_name(engine: Engine, requested: str | None) -> None:
     """A request naming a model must name the one served (OpenAI's and vLLM's 404 otherwise)."""
     if requested is not None and requested != engine.model_name:

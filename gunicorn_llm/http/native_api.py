@@ -18,6 +18,7 @@ from gunicorn_llm.engines.base import ClientGone
 from gunicorn_llm.engines.generation import TextGeneration
 from gunicorn_llm.http.common import (
     check_prompt_count,
+    check_structured_outputs,
     current_engine,
     deadline,
     encode_prompt,
@@ -42,6 +43,7 @@ def infer():
     check_prompt_count(len(infer_request.instances))
     engine = current_engine()
     params = infer_request.params
+    check_structured_outputs(engine, params, prefix="params.structured_outputs")
     prompts = [encode_prompt(engine, text, params) for text in infer_request.instances]
     admit()
     if params.scores_prompt:
@@ -95,6 +97,7 @@ def generate():
     if params.n != 1 or params.scores_prompt:
         raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
     engine = current_engine()
+    check_structured_outputs(engine, params)
     prompt_ids = encode_prompt(engine, prompt, params)
     admit()
     generation = start_generation(engine, prompt_ids, params)

@@ -4,6 +4,8 @@ Requests are validated with pydantic into the same `SamplingParams` every route 
 same `TextGeneration` (engines/generation.py), so answers, stop strings and cancellation behave as on `/infer`. With
 `stream: true` the answer is server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk. A client that disconnects mid-stream cancels its generation.
+Structured outputs (`response_format`, vLLM's `structured_outputs`) become the params' one constraint, which the
+engine compiles before the request is admitted: one it cannot compile is a 400 naming the field.
 Fields of OpenAI's and vLLM's requests that the server does not honour are refused with a 400 naming them
 (unhonoured_fields.py); other keys the server does not know are ignored with a warning, as vLLM's server does.
 """
@@ -25,6 +27,7 @@ from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGenerat
 from gunicorn_llm.http.common import (
     check_model_name,
     check_prompt_count,
+    check_structured_outputs,
     current_engine,
     deadline,
     encode_prompt,
@@ -35,7 +38,7 @@ from gunicorn_llm.http.common import (
     start_generation,
 )
 from gunicorn_llm.http.guards import admit
-from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error
+from gunicorn_llm.request_schema import RequestError, SamplingParams, StructuredOutputs, as_request_error
 
 log = logging.getLogger("gunicorn.error")
 
@@ -46,6 +49,41 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's named schema. `strict` is accepted either way: the answer is always
+    constrained to the schema (as by vLLM)."""
+
+    model_config = ConfigDict(strict=True, validate_by_alias=True, validate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` would shadow BaseModel.schema: the field takes its wire name as its alias
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text (no constraint), any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs `json_schema` (with `name` and `schema`)")
+        return self
+
+    def constraint(self) -> StructuredOutputs | None:
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutputs.model_validate({"json": self.json_schema.json_schema})
+        return None
 
 
 class _SamplingFields(BaseModel):
@@ -72,6 +110,19 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool | None = None
     user: str | None = None  # accepted, unused
     request_id: str | None = Field(None, min_length=1, description="the answer's id (after its prefix)")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: json, json_object, regex, "
+                                                                           "choice or grammar")
+
+    def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
+        """The answer's constraint, and for response_format the field that set it (for errors)."""
+        from_format = self.response_format.constraint() if self.response_format else None
+        if self.structured_outputs is not None and from_format is not None:
+            raise RequestError("response_format and structured_outputs cannot both constrain the answer",
+                               "response_format")
+        if self.structured_outputs is not None:
+            return self.structured_outputs, None  # errors name its own field
+        return from_format, "response_format"
 
 
 class CompletionRequest(_SamplingFields):
@@ -160,7 +211,10 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingFields):
     parallel_tool_calls: bool = True
 
 
-def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, logprobs: int | None
+                     ) -> SamplingParams:
+    """The request's params, its structured-output constraint checked by the engine."""
+    constraint, constraint_field = request.constraint()
     fields = {
         key: getattr(request, key)
         for key in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
@@ -168,9 +222,12 @@ def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | 
         if getattr(request, key) is not None
     }
     try:
-        return SamplingParams.model_validate({**fields, "max_tokens": max_tokens, "logprobs": logprobs})
+        params = SamplingParams.model_validate({**fields, "max_tokens": max_tokens, "logprobs": logprobs})
     except ValidationError as error:
         raise as_request_error(error) from None
+    params = params.model_copy(update={"structured_outputs": constraint})  # validated already, in the request
+    check_structured_outputs(engine, params, constraint_field)
+    return params
 
 
 @openai_api.get("/models")
@@ -196,7 +253,7 @@ def completions():
         raise RequestError("max_tokens 0 generates nothing: it is for scoring a prompt, with echo (and logprobs)",
                            "max_tokens")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
-    params = _sampling_params(request, 1 if prompt_only else max_tokens, request.logprobs)
+    params = _sampling_params(engine, request, 1 if prompt_only else max_tokens, request.logprobs)
     check_prompt_count(len(request.prompts()))
     prompts = [encode_prompt(engine, prompt, params, request.add_special_tokens) for prompt in request.prompts()]
     admit()
@@ -318,8 +375,8 @@ def chat_completions():
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     # Without a limit, the answer may fill what the context leaves after the prompt.
-    params = _sampling_params(request, limit if limit is not None else max(1, engine.max_model_len - len(prompt)),
-                              logprobs)
+    params = _sampling_params(engine, request,
+                              limit if limit is not None else max(1, engine.max_model_len - len(prompt)), logprobs)
     prompt_ids = encode_prompt(engine, prompt, params)
     admit()
     generation = start_generation(engine, prompt_ids, params)

@@ -22,7 +22,9 @@ class Unhonoured:
     no_op: tuple = (None,)  # values that ask for nothing (the field's default), accepted
 
 
-_STRUCTURED = "structured outputs are not supported by this server yet"
+# vLLM's older spelling of structured outputs, gone from its request models: refused rather than mapped, so a client
+# learns the spelling both servers take
+_GUIDED = "vLLM's guided_* fields are gone (vLLM removed them too); use structured_outputs or response_format"
 _TOOLS = "function calling is not supported by this server yet"
 _SAMPLING = "this sampling control is not supported by this server yet"
 _MULTIMODAL = "this server serves text models only"
@@ -30,12 +32,10 @@ _VLLM_INTERNAL = "this vLLM extension is not supported by this server"
 
 # Fields of both /v1/completions and /v1/chat/completions.
 _SHARED = {
-    "response_format": Unhonoured(_STRUCTURED, (None, {"type": "text"})),
-    "structured_outputs": Unhonoured(_STRUCTURED),
-    "guided_json": Unhonoured(_STRUCTURED),
-    "guided_regex": Unhonoured(_STRUCTURED),
-    "guided_choice": Unhonoured(_STRUCTURED),
-    "guided_grammar": Unhonoured(_STRUCTURED),
+    "guided_json": Unhonoured(_GUIDED),
+    "guided_regex": Unhonoured(_GUIDED),
+    "guided_choice": Unhonoured(_GUIDED),
+    "guided_grammar": Unhonoured(_GUIDED),
     "logit_bias": Unhonoured(_SAMPLING, (None, {})),
     "allowed_token_ids": Unhonoured(_SAMPLING),
     "bad_words": Unhonoured(_SAMPLING, (None, [])),
