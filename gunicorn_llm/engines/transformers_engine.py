@@ -15,7 +15,8 @@ Concurrent generations of a worker are served together, on one of these paths:
 
 A greedy request's `seed` is dropped on arrival: it draws nothing, and must not split it from its batch. Prompt
 log-probabilities go to the batching thread too, where every request waiting is scored in shared forward passes
-(transformers_scoring.py). Which path served each prompt is counted in /metrics.
+(transformers_scoring.py); a greedy one-token generation of a prompt scored a moment ago is answered from that
+scoring. Which path served each prompt is counted in /metrics.
 
 The HTTP side lives in http/app.py; text (decoding, stop strings) in generation.py; this file only drives the model.
 """
@@ -48,7 +49,7 @@ from transformers import (
 from gunicorn_llm.engines.base import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogprob, wait_for
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
-from gunicorn_llm.engines.transformers_scoring import ScoreJob, score_jobs
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
 from gunicorn_llm.request_schema import SamplingParams
@@ -194,6 +195,7 @@ class TransformersEngine(Engine):
         self.max_model_len = settings.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.stream_interval = settings.stream_interval
         self.continuous = self._continuous_batching(settings)
+        self.scored_next_tokens = NextTokens()  # what comes after recently scored prompts
         self._jobs: queue.Queue = queue.Queue()
         self._observer: _StepObserver | None = None  # the batched generate running now, if any
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
@@ -264,6 +266,11 @@ class TransformersEngine(Engine):
         if params.is_greedy and params.seed is not None:  # it draws nothing: it must not split a batch
             params = params.model_copy(update={"seed": None})
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
+        # lm-evaluation-harness asks for one greedy token after each prompt it scored: known already
+        answered = self.scored_next_tokens.answer(prompt_ids, params, stop_ids, self.stream_interval)
+        if answered is not None:
+            metrics.engine_path_taken("scored")
+            return answered
         if self.continuous is not None and self.continuous.can_serve(params):
             metrics.engine_path_taken(BATCHING_NAMES[type(self.continuous)])
             return self.continuous.start(prompt_ids, params, stop_ids)
@@ -275,7 +282,7 @@ class TransformersEngine(Engine):
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         metrics.engine_path_taken("prompt_logprobs", len(prompts))
-        job = ScoreJob(prompts, top)
+        job = ScoreJob(prompts, top, next_tokens=self.scored_next_tokens)
         self._jobs.put(job)
         return wait_for(job.result, deadline)
 
