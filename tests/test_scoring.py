@@ -5,19 +5,24 @@ Covered: prompts sharing a context (a question's options) and a few-shot prefix 
 tokens once, and every prompt's log-probabilities and top alternatives equal one forward pass of it alone; the same
 within a token budget small enough to split every level over several passes, and with sharing off (a model whose
 attention is not plain causal); duplicate prompts, a prompt that is another's prefix, a one-token prompt and jobs
-asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it. Through the
+asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; the batching
+thread's short wait for the rest of a burst. Through the
 engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
 `generate`'s token and log-probabilities; other requests still generate.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+
 import pytest
 import torch
 
 from conftest import FLOAT32_SCORING
 from gunicorn_llm.engines import transformers_scoring
-from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
 from gunicorn_llm.request_schema import SamplingParams
 
 FEWSHOT = ("Question: Which planet is closest to the sun?\nAnswer: Mercury\n\n"
@@ -210,3 +215,22 @@ def test_next_tokens_keep_the_latest_prompts():
     assert memo.answer([1, 2, 0], greedy, frozenset()) is None
     stream = memo.answer([1, 2, 2], greedy, frozenset({2}))
     assert [(update.token_ids, update.finish_reason) for update in stream] == [([2], "stop")]
+
+
+def test_jobs_arriving_close_behind_join_the_batch():
+    jobs: queue.Queue = queue.Queue()
+
+    def arrive(gaps_s: list[float]) -> None:
+        for index, gap in enumerate(gaps_s):
+            time.sleep(gap)
+            jobs.put(index)
+
+    sender = threading.Thread(target=arrive, args=([0.002, 0.002, 0.002, 0.3],))
+    sender.start()
+    assert take_arriving(jobs, gap_s=0.1, max_s=1.0) == [0, 1, 2]  # the fourth came after a 0.3 s gap
+    sender.join()
+    started = time.monotonic()
+    sender = threading.Thread(target=arrive, args=([0.0] + [0.04] * 10,))
+    sender.start()
+    assert len(take_arriving(jobs, gap_s=0.1, max_s=0.2)) < 10 and time.monotonic() - started < 0.35  # no longer
+    sender.join()

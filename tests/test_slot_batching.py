@@ -28,6 +28,7 @@ from transformers import AutoConfig
 from conftest import FLOAT32_SCORING, plain_generate
 from gunicorn_llm.engines.base import EngineDied, TokenLogprob
 from gunicorn_llm.request_schema import RequestError, SamplingParams
+from gunicorn_llm.engines import transformers_engine
 from gunicorn_llm.engines.transformers_slots import SlotBatching, SlotCache, supports
 
 MAX_LEN = 256  # length buckets 128 and 256
@@ -512,6 +513,8 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
     # The batching thread pauses the continuous path while it scores: with the slot engine held, the first request
     # is taken and waits, the others queue meanwhile.
     monkeypatch.setattr(generate_engine, "continuous", slots.engine)
+    # No gathering window (tests/test_scoring.py): the first request is scored before the others arrive.
+    monkeypatch.setattr(transformers_engine, "take_arriving", lambda jobs: [])
     results: list = [None] * len(requests)
 
     def score(index: int) -> None:

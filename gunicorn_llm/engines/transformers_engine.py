@@ -49,7 +49,7 @@ from transformers import (
 from gunicorn_llm.engines.base import ChoiceUpdate, Engine, EngineDied, GenerationStream, TokenLogprob, wait_for
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
-from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
 from gunicorn_llm.request_schema import SamplingParams
@@ -296,6 +296,8 @@ class TransformersEngine(Engine):
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
+                jobs += take_arriving(self._jobs)
             with self.continuous.paused() if self.continuous else contextlib.nullcontext():
                 scoring = [job for job in jobs if isinstance(job, ScoreJob)]
                 if scoring:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -47,6 +49,11 @@ CACHED_TOKENS_PER_NEW_TOKEN = 8
 MIN_SHARED_TOKENS = 32
 # Positions whose log-probabilities are taken at once: bounds the float32 copy of their logits.
 POSITIONS_PER_CHUNK = 128
+# After a scoring job is taken, jobs arriving less than GATHER_GAP_S apart (for GATHER_MAX_S at most) join it: a
+# client's burst (a question's options) reaches the queue over a few milliseconds, and scored apart its options would
+# not share their context.
+GATHER_GAP_S = 0.02
+GATHER_MAX_S = 0.1
 # The most top alternatives a request may ask for (request_schema: logprobs <= 20), kept per scored prompt's next token
 NEXT_TOKEN_TOP = 20
 NEXT_TOKEN_PROMPTS = 1024
@@ -93,6 +100,18 @@ class NextTokens:
         for choice in range(params.n):
             stream.publish(ChoiceUpdate(choice, [ids[0]], entries, reason))
         return stream
+
+
+def take_arriving(jobs: queue.Queue, gap_s: float = GATHER_GAP_S, max_s: float = GATHER_MAX_S) -> list:
+    """Jobs that reach the queue less than `gap_s` after the one before, for `max_s` at most."""
+    taken = []
+    deadline = time.monotonic() + max_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            taken.append(jobs.get(timeout=min(gap_s, left)))
+        except queue.Empty:
+            break
+    return taken
 
 
 @dataclass
