@@ -7,7 +7,10 @@ The load is drawn from --seed, the same for every target:
   the context, `echo: true, logprobs: 1, max_tokens: 1, temperature: 0, seed: 1234`; the option's log-likelihood is
   the sum of its tokens' log-probabilities;
 - --generations greedy generate-until requests: a 200-token prompt, up to --max-gen-tokens new tokens, stop
-  "\\n\\n", `seed: 1234`.
+  "\\n\\n", `seed: 1234`;
+- with --fewshot N, every context and every generate-until prompt starts with the same N examples (a 30-80-token
+  question, a space, a 1-8-token answer, a blank line), as a few-shot task repeats them (drawn after the rest: the
+  load without them is unchanged).
 Requests go out from --concurrency client threads, log-likelihoods first, then generations.
 
 Targets: NAME=URL for an OpenAI-compatible server (this server with either engine, vLLM's own server), and
@@ -44,7 +47,7 @@ class Load:
     prompts: list[str]  # generate-until prompts
 
 
-def make_load(tokenizer, items: int, generations: int, seed: int) -> Load:
+def make_load(tokenizer, items: int, generations: int, seed: int, fewshot: int = 0) -> Load:
     rng = random.Random(seed)
     vocab = range(100, tokenizer.vocab_size - 100)
 
@@ -53,7 +56,9 @@ def make_load(tokenizer, items: int, generations: int, seed: int) -> Load:
 
     choices = [(text(rng.randint(100, 500)), [" " + text(rng.randint(1, 8)).strip() for _ in range(4)])
                for _ in range(items)]
-    return Load(choices, [text(200) for _ in range(generations)])
+    prompts = [text(200) for _ in range(generations)]
+    shots = "".join(f"{text(rng.randint(30, 80))} {text(rng.randint(1, 8)).strip()}\n\n" for _ in range(fewshot))
+    return Load([(shots + context, options) for context, options in choices], [shots + prompt for prompt in prompts])
 
 
 def option_loglikelihood(url: str, model: str | None, context: str, option: str, session) -> float:
@@ -124,11 +129,12 @@ def main() -> None:
     cli.add_argument("--max-gen-tokens", type=int, default=64)
     cli.add_argument("--concurrency", type=int, default=64)
     cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--fewshot", type=int, default=0, help="examples every context and prompt starts with")
     options = cli.parse_args()
     from transformers import AutoTokenizer
 
     load = make_load(AutoTokenizer.from_pretrained(options.tokenizer), options.items, options.generations,
-                     options.seed)
+                     options.seed, options.fewshot)
     results = {}
     for spec in options.url:
         name, _, url = spec.partition("=")
@@ -137,7 +143,7 @@ def main() -> None:
     if options.hf:
         results["lm-eval hf"] = run_hf(options.hf, load, options)
     print(f"\n{options.items} items x 4 options, {options.generations} generations, concurrency "
-          f"{options.concurrency}\n")
+          f"{options.concurrency}{f', {options.fewshot}-shot' if options.fewshot else ''}\n")
     print("| target | log-likelihoods (s) | generations (s) | total (s) | first / this | same choices as first |")
     print("| --- | --- | --- | --- | --- | --- |")
     first = next(iter(results.values()), None)

@@ -46,6 +46,12 @@ def plain_generate(reference_model, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+# A prompt's log-probabilities scored among others (a padded batch, a shared prefix's cache) against its own forward
+# pass, float32 on CPU: other shapes of the matrix products round differently (measured on the embedded model: up
+# to 2.2e-5 for a padded batch of 7 prompts; 1.0e-4 for transformers' own split of a 200-token prompt at token 150)
+FLOAT32_SCORING = {"abs": 2e-4, "rel": 1e-5}
+
+
 def direct_prompt_logprobs(reference_model, prompt: str):
     """log P(token_i | tokens before it) for every prompt token after the first, from one plain forward pass."""
     import torch

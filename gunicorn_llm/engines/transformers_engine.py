@@ -12,7 +12,8 @@ is their interface):
 A request goes to the continuous path if it can serve it, else to batched `generate`. A greedy request's `seed` is
 dropped on arrival: it draws nothing, and must not split it from its batch. Prompt log-probabilities go to the
 batched-generate thread on every path, where every request waiting is scored in shared forward passes
-(transformers_scoring.py). Which path served each prompt is counted in /metrics. Structured outputs are compiled
+(transformers_scoring.py); a greedy one-token generation of a prompt scored a moment ago is answered from that
+scoring. Which path served each prompt is counted in /metrics. Structured outputs are compiled
 with xgrammar for this model's tokenizer (grammars.py) when a request arrives, and masked on the slot and
 batched-generate paths; transformers' continuous batching leaves constrained requests to batched `generate`.
 
@@ -32,6 +33,7 @@ from gunicorn_llm.engines.grammars import Grammars
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_generate import BatchedGenerate
+from gunicorn_llm.engines.transformers_scoring import NextTokens
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
 from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
@@ -83,6 +85,8 @@ class TransformersEngine(Engine):
         self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight.shape[0],
                                  self.eos_token_ids)
         continuous = self._continuous_path(settings)
+        self.scored_next_tokens = NextTokens()  # what comes after recently scored prompts
+        self.stream_interval = settings.stream_interval
         self.generate = BatchedGenerate(self.model, self.tokenizer, settings.max_batch_size or GENERATE_BATCH_SIZE,
                                         beside=continuous, on_death=self.die, on_step=self.step_taken,
                                         stream_interval=settings.stream_interval, grammars=self.grammars)
@@ -156,6 +160,11 @@ class TransformersEngine(Engine):
         if params.is_greedy and params.seed is not None:  # it draws nothing: it must not split a batch
             params = params.model_copy(update={"seed": None})
         stop_ids = frozenset(params.stop_token_ids or ()) | frozenset(() if params.ignore_eos else self.eos_token_ids)
+        # lm-evaluation-harness asks for one greedy token after each prompt it scored: known already
+        answered = self.scored_next_tokens.answer(prompt_ids, params, stop_ids, self.stream_interval)
+        if answered is not None:
+            metrics.engine_path_taken("scored")
+            return answered
         path = next(path for path in self.paths if path.can_serve(params))
         metrics.engine_path_taken(path.name)
         return path.start(prompt_ids, params, stop_ids)
@@ -165,4 +174,4 @@ class TransformersEngine(Engine):
 
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0, deadline: float | None = None):
         metrics.engine_path_taken("prompt_logprobs", len(prompts))
-        return wait_for(self.generate.score(prompts, top), deadline)
+        return wait_for(self.generate.score(prompts, top, self.scored_next_tokens), deadline)

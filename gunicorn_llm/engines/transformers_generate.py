@@ -42,7 +42,7 @@ from gunicorn_llm.engines.base import ChoiceUpdate, EngineDied, GenerationStream
 from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_matcher
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
-from gunicorn_llm.engines.transformers_scoring import ScoreJob, score_jobs
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
 from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
@@ -189,9 +189,10 @@ class BatchedGenerate(BatchingPath):
         self._jobs.put(GenerateJob(prompt_ids, params, stop_ids, stream))
         return stream
 
-    def score(self, prompts: list[list[int]], top: int) -> Future:
-        """Each prompt's token log-probabilities (transformers_scoring.py), scored with whatever else is waiting."""
-        job = ScoreJob(prompts, top)
+    def score(self, prompts: list[list[int]], top: int, next_tokens: NextTokens | None = None) -> Future:
+        """Each prompt's token log-probabilities (transformers_scoring.py), scored with whatever else is waiting;
+        `next_tokens` keeps what each scored prompt would generate next."""
+        job = ScoreJob(prompts, top, next_tokens=next_tokens)
         self._jobs.put(job)
         return job.result
 
@@ -209,6 +210,8 @@ class BatchedGenerate(BatchingPath):
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
+                jobs += take_arriving(self._jobs)
             with self.beside.paused() if self.beside else contextlib.nullcontext():
                 scoring = [job for job in jobs if isinstance(job, ScoreJob)]
                 if scoring:

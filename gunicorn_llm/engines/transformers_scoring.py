@@ -1,95 +1,417 @@
-"""Prompt log-probabilities (log-likelihood requests) for the transformers engine, batched across requests.
+"""Prompt log-probabilities (log-likelihood requests) for the transformers engine: requests waiting together are
+scored in shared forward passes, and a prefix they share runs once.
 
-Evaluation harnesses send many requests of a few prompts each, from many threads. The engine's batching thread
-hands `score_jobs` every request waiting at once; their prompts, sorted by length so that prompts of similar length
-share a pass, go through the model in as few forward passes as a token budget allows (padded rows x longest). Right
-padding and a causal model make a prompt's numbers independent of its batch mates (float32: equal to one prompt
-alone within 1e-5).
+Evaluation harnesses send a question's context followed by each of its options, often after the same few-shot
+examples, from many threads. The engine's batching thread hands `score_jobs` every request waiting at once. Their
+distinct prompts form a prefix tree (`_plan`): a prefix that saves at least `MIN_SHARED_TOKENS` positions becomes a
+segment of its own, run once with its keys and values kept, and what follows it (the rest of each prompt, or a
+longer prefix some of them share) runs over that cache. The tree runs level by level, each level's segments in as
+few forward passes as the budgets allow: segments right-padded to the longest, their parents' caches gathered side by
+side (padded too), the attention mask hiding every padding column and position ids counting real tokens only. So a
+prompt's numbers are those of its own tokens over its own prefix whatever its batch mates (float32: equal to the
+prompt alone within 1e-5).
+
+Log-probabilities come from the logits a chunk of positions at a time: the chosen token's logit and the top-k, less
+the position's logsumexp; no log-softmax over the vocabulary is built. The last position of every prompt gives the
+distribution of the token after it too: `NextTokens` keeps its top entries, and the engine answers a greedy
+one-token generation of that prompt from them (lm-evaluation-harness asks for one right after the echoed
+log-probabilities) instead of a second pass over the prompt.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
-from gunicorn_llm.engines.base import TokenLogprob
-from gunicorn_llm.engines.transformers_sampling import token_logprobs
+from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.transformers_sampling import has_penalties
+from gunicorn_llm.engines.transformers_slots import supports
+from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 
-# Prompt tokens scored per forward pass: bounds the float32 logits tensor (tokens x vocabulary) in memory.
+# New tokens per forward pass (rows x widest segment): bounds the logits tensor (tokens x vocabulary) in memory.
 SCORING_TOKEN_BUDGET = 4096
+# Rows x (gathered cache width + widest segment) per pass: bounds the parents' keys and values copied side by side.
+CACHED_TOKENS_PER_NEW_TOKEN = 8
+# A shared prefix gets a segment of its own (one more pass per tree level) when it saves this many positions.
+MIN_SHARED_TOKENS = 32
+# Positions whose log-probabilities are taken at once: bounds the float32 copy of their logits.
+POSITIONS_PER_CHUNK = 128
+# After a scoring job is taken, jobs arriving less than GATHER_GAP_S apart (for GATHER_MAX_S at most) join it: a
+# client's burst (a question's options) reaches the queue over a few milliseconds, and scored apart its options would
+# not share their context.
+GATHER_GAP_S = 0.02
+GATHER_MAX_S = 0.1
+# The most top alternatives a request may ask for (request_schema: logprobs <= 20), kept per scored prompt's next token
+NEXT_TOKEN_TOP = 20
+NEXT_TOKEN_PROMPTS = 1024
+
+
+class NextTokens:
+    """For recently scored prompts, the likeliest tokens after them with their log-probabilities (most likely first),
+    so that a greedy one-token generation of such a prompt needs no pass of its own. Thread-safe, bounded."""
+
+    def __init__(self, capacity: int = NEXT_TOKEN_PROMPTS):
+        self.capacity = capacity
+        self._top: OrderedDict[bytes, tuple[list[int], list[float]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(prompt_ids: list[int]) -> bytes:
+        return np.asarray(prompt_ids, dtype=np.int64).tobytes()
+
+    def remember(self, prompt_ids: list[int], top_ids: list[int], top_logprobs: list[float]) -> None:
+        key = self._key(prompt_ids)
+        with self._lock:
+            self._top[key] = (top_ids, top_logprobs)
+            self._top.move_to_end(key)
+            while len(self._top) > self.capacity:
+                self._top.popitem(last=False)
+
+    def answer(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               interval: int = 1) -> GenerationStream | None:
+        """A finished stream for a greedy request of one token whose prompt was scored; None for anything else."""
+        if not (params.is_greedy and params.max_tokens == 1 and not has_penalties(params)) or (
+                params.logprobs or 0) > NEXT_TOKEN_TOP or params.structured_outputs is not None:
+            return None
+        key = self._key(prompt_ids)
+        with self._lock:
+            top = self._top.get(key)
+            if top is None:
+                return None
+            self._top.move_to_end(key)
+        ids, logprobs = top
+        entries = None if params.logprobs is None else [
+            TokenLogprob(ids[0], logprobs[0], tuple(zip(ids[: params.logprobs], logprobs[: params.logprobs])))]
+        stream = GenerationStream(params.n, abort=lambda: None, interval=interval)
+        reason = "stop" if ids[0] in stop_ids else "length"
+        for choice in range(params.n):
+            stream.publish(ChoiceUpdate(choice, [ids[0]], entries, reason))
+        return stream
+
+
+def take_arriving(jobs: queue.Queue, gap_s: float = GATHER_GAP_S, max_s: float = GATHER_MAX_S) -> list:
+    """Jobs that reach the queue less than `gap_s` after the one before, for `max_s` at most."""
+    taken = []
+    deadline = time.monotonic() + max_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            taken.append(jobs.get(timeout=min(gap_s, left)))
+        except queue.Empty:
+            break
+    return taken
 
 
 @dataclass
 class ScoreJob:
-    """One request's prompts; `result` gets one list of TokenLogprob per prompt, in order."""
+    """One request's prompts; `result` gets one list of TokenLogprob per prompt, in order. With `next_tokens`, each
+    prompt's next-token distribution is remembered there."""
 
     prompts: list[list[int]]
     top: int
     result: Future = field(default_factory=Future)
+    next_tokens: NextTokens | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Prompt:
-    job: ScoreJob
-    index: int  # in its job's prompts
+    """A distinct prompt of the jobs, scored once for every job that sent it, with the most top entries any asks."""
+
+    ids: list[int]
+    uses: list[tuple[ScoreJob, int]]  # (job, index in its prompts)
+    top: int = 0
+    leaf: _Segment | None = None  # its last segment; None: a prompt of one token, nothing to score
+
+    @property
+    def failed(self) -> bool:
+        return all(job.result.done() for job, _ in self.uses)
+
+
+@dataclass(eq=False)
+class _Segment:
+    """Tokens [start:end] of `prompts`, which share tokens [0:end]: one prompt's last part (a leaf), or a prefix
+    shared by several with `children` after it. One row of a forward pass, over its parent's cache."""
+
+    prompts: list[_Prompt]
+    start: int
+    end: int
+    parent: _Segment | None
+    children: list[_Segment] = field(default_factory=list)
+    # once run: entries of tokens start..end-1 (the first scored from the parent's last position; none for token 0)
+    entries: list[TokenLogprob] = field(default_factory=list)
+    # a shared prefix once run: its keys and values (row `row` of its pass's cache, the columns `kv_mask` says are
+    # real), and its last position's logits and logsumexp, from which each child's first token is scored
+    cache: DynamicCache | None = None
+    row: int = 0
+    kv_mask: torch.Tensor | None = None
+    last_logits: torch.Tensor | None = None
+    last_logsumexp: float = 0.0
+    last_top: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def ids(self) -> list[int]:
-        return self.job.prompts[self.index]
+        return self.prompts[0].ids[self.start : self.end]
+
+    @property
+    def top(self) -> int:
+        return max(prompt.top for prompt in self.prompts)
+
+    @property
+    def failed(self) -> bool:
+        return all(prompt.failed for prompt in self.prompts)
 
 
 def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int = SCORING_TOKEN_BUDGET) -> None:
     """Score every prompt of `jobs` in shared forward passes and set each job's result (or its error: a pass that
     fails fails the jobs with prompts in it, and the others go on)."""
-    scores: dict[int, list] = {id(job): [None] * len(job.prompts) for job in jobs}
-    prompts = sorted((_Prompt(job, index) for job in jobs for index in range(len(job.prompts))),
-                     key=lambda prompt: len(prompt.ids))
-    for chunk in _chunks_within(prompts, token_budget):
-        chunk = [prompt for prompt in chunk if not prompt.job.result.done()]  # failed in an earlier pass
-        if not chunk:
-            continue
-        try:
-            for prompt, result in zip(chunk, _score_batch(model, pad_token_id, chunk)):
-                scores[id(prompt.job)][prompt.index] = result
-        except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
-            log.exception("scoring %d prompts failed", len(chunk))
-            for job in {id(prompt.job): prompt.job for prompt in chunk}.values():
-                if not job.result.done():
-                    job.result.set_exception(error)
+    prompts: dict[tuple[int, ...], _Prompt] = {}
+    for job in jobs:
+        for index, ids in enumerate(job.prompts):
+            prompt = prompts.setdefault(tuple(ids), _Prompt(list(ids), []))
+            prompt.uses.append((job, index))
+            prompt.top = max(prompt.top, job.top)
+    # A prompt of one token has nothing to score; a model whose attention is not plain causal over the whole
+    # sequence (sliding windows, soft-capping) would see gathered caches' padding columns: no sharing for it.
+    scored = [prompt for prompt in prompts.values() if len(prompt.ids) > 1]
+    min_shared = MIN_SHARED_TOKENS if supports(model.config, max(map(len, prompts), default=0)) else None
+    level = _plan(scored, min_shared)
+    parents: list[_Segment] = []  # the shared prefixes the level runs over
+    while level:
+        passes = list(_chunks_within(_in_pass_order(level), token_budget))
+        level = []
+        for chunk in passes:
+            chunk = [segment for segment in chunk if not segment.failed]
+            if not chunk:
+                continue
+            try:
+                _run_pass(model, pad_token_id, chunk)
+            except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
+                log.exception("scoring %d segments failed", len(chunk))
+                _fail(chunk, error)
+                continue
+            level.extend(child for segment in chunk for child in segment.children)
+        for parent in parents:  # their children have gathered what they needed
+            parent.cache = None
+        parents = {id(segment.parent): segment.parent for segment in level}.values()
     for job in jobs:
         if not job.result.done():
-            job.result.set_result(scores[id(job)])
+            job.result.set_result([_prompt_entries(prompts[tuple(ids)], job.top) for ids in job.prompts])
+
+
+def _prompt_entries(prompt: _Prompt, top: int) -> list[TokenLogprob]:
+    """A prompt's entries: its segments', from the first, with `top` alternatives each."""
+    entries: list[TokenLogprob] = []
+    segment = prompt.leaf
+    while segment is not None:
+        entries[:0] = segment.entries
+        segment = segment.parent
+    # a segment shared with prompts that ask for more alternatives has them all
+    return [entry if len(entry.top) == top else TokenLogprob(entry.token_id, entry.logprob, entry.top[:top])
+            for entry in entries]
+
+
+def _fail(segments: list[_Segment], error: Exception) -> None:
+    for segment in segments:
+        for prompt in segment.prompts:
+            for job, _ in prompt.uses:
+                if not job.result.done():
+                    job.result.set_exception(error)
+
+
+# -- the plan: a prefix tree of segments ----------------------------------------------------------------------------
+
+
+def _plan(prompts: list[_Prompt], min_shared: int | None) -> list[_Segment]:
+    """The tree's first level: segments from token 0 (every prompt alone when `min_shared` is None)."""
+    if min_shared is None:
+        return [_leaf(prompt, 0, None) for prompt in prompts]
+    return _segments(prompts, None, 0, 0, min_shared)
+
+
+def _leaf(prompt: _Prompt, start: int, parent: _Segment | None) -> _Segment:
+    prompt.leaf = _Segment([prompt], start, len(prompt.ids), parent)
+    return prompt.leaf
+
+
+def _segments(prompts: list[_Prompt], parent: _Segment | None, start: int, probe: int, min_shared: int
+              ) -> list[_Segment]:
+    """Segments from `start` (the parent's end) for prompts that share tokens [0:probe] and are longer: prompts that
+    share enough tokens beyond `start` get a segment for them, with their own segments after it."""
+    groups: dict[int, list[_Prompt]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt.ids[probe], []).append(prompt)
+    segments = []
+    for group in groups.values():
+        # A prompt that ends here is a leaf (distinct prompts: one being another's prefix); the others share tokens
+        # up to `end`, and each keeps at least one token of its own after it.
+        ending = [prompt for prompt in group if len(prompt.ids) == probe + 1]
+        segments.extend(_leaf(prompt, start, parent) for prompt in ending)
+        group = [prompt for prompt in group if len(prompt.ids) > probe + 1]
+        if not group:
+            continue
+        end = min(len(os.path.commonprefix([prompt.ids for prompt in group])),
+                  min(len(prompt.ids) for prompt in group) - 1)
+        if len(group) > 1 and (len(group) - 1) * (end - start) >= min_shared:
+            shared = _Segment(group, start, end, parent)
+            shared.children = _segments(group, shared, end, end, min_shared)
+            segments.append(shared)
+        elif len(group) > 1 and end > probe:  # not worth a pass here; some of them may share more
+            segments.extend(_segments(group, parent, start, end, min_shared))
+        else:
+            segments.extend(_leaf(prompt, start, parent) for prompt in group)
+    return segments
+
+
+def _in_pass_order(segments: list[_Segment]) -> list[_Segment]:
+    """Children of one parent side by side (their cache rows gather in one run), then by length (less padding)."""
+    order = {id(parent): index for index, parent in enumerate(dict.fromkeys(s.parent for s in segments))}
+    return sorted(segments, key=lambda segment: (order[id(segment.parent)], len(segment.ids)))
+
+
+def _chunks_within(segments: list[_Segment], token_budget: int):
+    """Consecutive groups whose padded size stays within the budgets: rows x longest segment within `token_budget`,
+    rows x (widest parent cache + longest segment) within CACHED_TOKENS_PER_NEW_TOKEN times it (a longer segment:
+    alone)."""
+    chunk: list[_Segment] = []
+    width = cached = 0
+    for segment in segments:
+        new_width = max(width, len(segment.ids))
+        new_cached = max(cached, _cache_width(segment.parent))
+        rows = len(chunk) + 1
+        if chunk and (rows * new_width > token_budget
+                      or rows * (new_cached + new_width) > CACHED_TOKENS_PER_NEW_TOKEN * token_budget):
+            yield chunk
+            chunk, new_width, new_cached = [], len(segment.ids), _cache_width(segment.parent)
+        chunk.append(segment)
+        width, cached = new_width, new_cached
+    if chunk:
+        yield chunk
+
+
+def _cache_width(parent: _Segment | None) -> int:
+    return 0 if parent is None else parent.kv_mask.shape[0]
+
+
+# -- one forward pass -----------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def _score_batch(model, pad_token_id: int, prompts: list[_Prompt]) -> list[list[TokenLogprob]]:
-    # Right padding: a causal model's logits for the real tokens do not depend on padding after them.
+def _run_pass(model, pad_token_id: int, segments: list[_Segment]) -> None:
     device = model.get_input_embeddings().weight.device
-    width = max(len(prompt.ids) for prompt in prompts)
-    input_ids = torch.tensor([prompt.ids + [pad_token_id] * (width - len(prompt.ids)) for prompt in prompts],
+    width = max(len(segment.ids) for segment in segments)
+    lengths = [len(segment.ids) for segment in segments]
+    input_ids = torch.tensor([segment.ids + [pad_token_id] * (width - len(segment.ids)) for segment in segments],
                              device=device)
-    mask = torch.tensor([[1] * len(prompt.ids) + [0] * (width - len(prompt.ids)) for prompt in prompts],
-                        device=device)
-    logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-    # One pass over every position (the few padding ones too: prompts of a pass have similar lengths), then cut.
-    positions = width - 1
-    entries = token_logprobs(logprobs.flatten(0, 1), input_ids[:, 1:].flatten(),
-                             [prompt.job.top for prompt in prompts for _ in range(positions)])
-    return [entries[row * positions : row * positions + len(prompt.ids) - 1] for row, prompt in enumerate(prompts)]
+    new_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+    parents = [segment.parent for segment in segments]
+    cache, kv_mask = _gathered_cache(parents, device) if parents[0] is not None else (None, None)
+    mask = new_mask if kv_mask is None else torch.cat([kv_mask, new_mask], dim=1)
+    positions = torch.tensor([[segment.start + i for i in range(width)] for segment in segments], device=device)
+    keep = any(segment.children for segment in segments)
+    output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=keep)
+    logits = output.logits  # [rows, width, vocabulary], the model's dtype
+    _score_positions(logits, segments)
+    for row, segment in enumerate(segments):
+        if segment.children:
+            segment.cache, segment.row = output.past_key_values, row
+            segment.kv_mask = mask[row, : mask.shape[1] - width + lengths[row]]
 
 
-def _chunks_within(prompts: list[_Prompt], token_budget: int):
-    """Consecutive groups whose padded size (rows x longest) stays within the budget (a longer prompt: alone)."""
-    chunk: list[_Prompt] = []
-    for prompt in prompts:
-        if chunk and (len(chunk) + 1) * max(len(prompt.ids), *(len(p.ids) for p in chunk)) > token_budget:
-            yield chunk
-            chunk = []
-        chunk.append(prompt)
-    if chunk:
-        yield chunk
+def _gathered_cache(parents: list[_Segment], device) -> tuple[DynamicCache, torch.Tensor]:
+    """The parents' keys and values side by side, one row per child (a parent's row repeated for each of its
+    children), padded to the widest; and the mask of their real columns."""
+    width = max(parent.kv_mask.shape[0] for parent in parents)
+    runs: list[tuple[DynamicCache, list[int]]] = []  # consecutive rows from one pass's cache
+    for parent in parents:
+        if runs and runs[-1][0] is parent.cache:
+            runs[-1][1].append(parent.row)
+        else:
+            runs.append((parent.cache, [parent.row]))
+    layers = []
+    for layer in range(len(parents[0].cache.layers)):
+        keys, values = [], []
+        for cache, rows in runs:
+            index = torch.tensor(rows, device=device)
+            for source, out in ((cache.layers[layer].keys, keys), (cache.layers[layer].values, values)):
+                part = source[index, :, :width]  # indexing: index_select is far slower on CPU (measured 10x)
+                out.append(part if part.shape[2] == width else F.pad(part, (0, 0, 0, width - part.shape[2])))
+        layers.append((keys[0], values[0]) if len(runs) == 1 else (torch.cat(keys), torch.cat(values)))
+    mask = torch.stack([F.pad(parent.kv_mask, (0, width - parent.kv_mask.shape[0]))
+                        for parent in parents])
+    return DynamicCache(layers), mask
+
+
+def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
+    """Each segment's entries, its last position kept for its children (a shared prefix) or remembered as its
+    prompt's next token (a leaf)."""
+    rows, width, vocab = logits.shape
+    flat = logits.view(rows * width, vocab)
+    # every position but each segment's last predicts the segment's next token
+    body = [(row, i) for row, segment in enumerate(segments) for i in range(len(segment.ids) - 1)]
+    targets = [segments[row].prompts[0].ids[segments[row].start + i + 1] for row, i in body]
+    tops = [segments[row].top for row, _ in body]
+    entries = _entries(flat, [row * width + i for row, i in body], targets, tops)
+    for row, segment in enumerate(segments):
+        first = [] if segment.parent is None else [_first_entry(segment)]
+        segment.entries = first + entries[: len(segment.ids) - 1]
+        entries = entries[len(segment.ids) - 1 :]
+    last_rows = [row * width + len(segment.ids) - 1 for row, segment in enumerate(segments)]
+    last = flat[torch.tensor(last_rows, device=logits.device)].float()
+    logsumexp = torch.logsumexp(last, dim=-1)
+    top_values, top_ids = last.topk(min(NEXT_TOKEN_TOP, vocab), dim=-1)
+    top_values = (top_values - logsumexp[:, None]).tolist()
+    top_ids = top_ids.tolist()
+    for row, segment in enumerate(segments):
+        if segment.children:
+            segment.last_logits, segment.last_logsumexp = last[row], logsumexp[row].item()
+            segment.last_top = list(zip(top_ids[row], top_values[row]))
+        else:
+            for job, _ in segment.prompts[0].uses:
+                if job.next_tokens is not None:
+                    job.next_tokens.remember(segment.prompts[0].ids, top_ids[row], top_values[row])
+                    break
+
+
+def _first_entry(segment: _Segment) -> TokenLogprob:
+    """The segment's first token, from its parent's last position."""
+    parent = segment.parent
+    token = segment.prompts[0].ids[segment.start]
+    value = parent.last_logits[token].item() - parent.last_logsumexp
+    top = segment.top
+    if top > len(parent.last_top):
+        values, ids = parent.last_logits.topk(top)
+        return TokenLogprob(token, value, tuple(zip(ids.tolist(), (values - parent.last_logsumexp).tolist())))
+    return TokenLogprob(token, value, tuple(parent.last_top[:top]))
+
+
+def _entries(flat: torch.Tensor, positions: list[int], targets: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """TokenLogprob of each position's target token and its top alternatives, a chunk of positions at a time."""
+    entries = []
+    for at in range(0, len(positions), POSITIONS_PER_CHUNK):
+        index = torch.tensor(positions[at : at + POSITIONS_PER_CHUNK], device=flat.device)
+        chunk_targets = targets[at : at + POSITIONS_PER_CHUNK]
+        chunk_tops = tops[at : at + POSITIONS_PER_CHUNK]
+        logits = flat[index].float()  # a copy of these positions only (index_select: 70x slower on CPU here)
+        logsumexp = torch.logsumexp(logits, dim=-1)
+        chosen = (logits.gather(-1, torch.tensor(chunk_targets, device=flat.device)[:, None]).squeeze(-1)
+                  - logsumexp).tolist()
+        top_values, top_ids = logits.topk(max(chunk_tops), dim=-1)
+        top_values = (top_values - logsumexp[:, None]).tolist()
+        entries.extend(
+            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top])))
+            for token, value, ids, values, top in zip(chunk_targets, chosen, top_ids.tolist(), top_values,
+                                                      chunk_tops))
+    return entries

@@ -137,8 +137,8 @@ def start_gpu_sampler(interval_s: float = 2.0) -> None:
 
 
 def engine_path_taken(path: str, prompts: int = 1) -> None:
-    """Count prompts served by an engine path (the transformers engine: slots, continuous, generate or
-    prompt_logprobs)."""
+    """Count prompts served by an engine path (the transformers engine: slots, continuous, generate,
+    prompt_logprobs, or scored: a one-token generation answered from its prompt's scoring)."""
     ENGINE_PATHS.labels(path).inc(prompts)
 
 

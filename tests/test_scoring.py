@@ -1,0 +1,236 @@
+"""`transformers_scoring.score_jobs` driven directly (no server), and the engine's one-token answers after scoring,
+on the embedded model in float32 on CPU.
+
+Covered: prompts sharing a context (a question's options) and a few-shot prefix (every question's) run the shared
+tokens once, and every prompt's log-probabilities and top alternatives equal one forward pass of it alone; the same
+within a token budget small enough to split every level over several passes, and with sharing off (a model whose
+attention is not plain causal); duplicate prompts, a prompt that is another's prefix, a one-token prompt and jobs
+asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; the batching
+thread's short wait for the rest of a burst. Through the
+engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
+`generate`'s token and log-probabilities; other requests still generate.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import FLOAT32_SCORING
+from gunicorn_llm.engines import transformers_scoring
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
+from gunicorn_llm.request_schema import SamplingParams
+
+FEWSHOT = ("Question: Which planet is closest to the sun?\nAnswer: Mercury\n\n"
+           "Question: What do bees make?\nAnswer: honey\n\n"
+           "Question: How many legs does a spider have?\nAnswer: eight\n\n")
+QUESTIONS = {
+    "Question: Which metal is liquid at room temperature?\nAnswer:": [" mercury", " iron", " gold", " tin"],
+    "Question: What is the largest ocean on Earth, by area and by volume?\nAnswer:": [" the Pacific", " the Arctic"],
+    "Question: Who wrote the play Hamlet?\nAnswer:": [" William Shakespeare", " Christopher Marlowe", " Ben Jonson"],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model):
+    return reference_model[0]
+
+
+@pytest.fixture(scope="module")
+def model(reference_model):
+    return reference_model[1]
+
+
+def alone(model, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at every position of one prompt's own forward pass."""
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def assert_equal_alone(model, ids: list[int], scored, top: int) -> None:
+    want = alone(model, ids)
+    assert [entry.token_id for entry in scored] == ids[1:]
+    assert [entry.logprob for entry in scored] == pytest.approx(
+        want[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist(), **FLOAT32_SCORING)
+    for position, entry in enumerate(scored):
+        values, top_ids = want[position].topk(top)
+        assert [token for token, _ in entry.top] == top_ids.tolist(), position
+        assert [value for _, value in entry.top] == pytest.approx(values.tolist(), **FLOAT32_SCORING)
+
+
+def eval_prompts(tokenizer) -> list[list[int]]:
+    """Each question's options after it, after the few-shot examples; and one question without them."""
+    prompts = [tokenizer(FEWSHOT + question + option)["input_ids"]
+               for question, options in QUESTIONS.items() for option in options]
+    question, options = next(iter(QUESTIONS.items()))
+    return prompts + [tokenizer(question + option)["input_ids"] for option in options[:2]]
+
+
+class Passes:
+    """The input shapes of the model's forward passes, and the cache length each ran over."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int, int]] = []
+        self.new_tokens = 0  # not counting padding
+        self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        rows, width = kwargs["input_ids"].shape
+        self.shapes.append((rows, width, cache.get_seq_length() if cache is not None else 0))
+        mask = kwargs.get("attention_mask")
+        self.new_tokens += rows * width if mask is None else int(mask[:, -width:].sum())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+
+
+@pytest.mark.parametrize("budget", [transformers_scoring.SCORING_TOKEN_BUDGET, 64])
+def test_shared_contexts_run_once_and_every_prompt_equals_its_own_pass(model, tokenizer, budget):
+    prompts = eval_prompts(tokenizer)
+    jobs = [ScoreJob([ids], top=index % 3) for index, ids in enumerate(prompts)]
+    with Passes(model) as passes:
+        score_jobs(model, tokenizer.pad_token_id, jobs, token_budget=budget)
+    # The few-shot examples ran once (not once per prompt), the first question once (not once per option).
+    shots, first_question = len(tokenizer(FEWSHOT)["input_ids"]), len(tokenizer(next(iter(QUESTIONS)))["input_ids"])
+    with_shots = sum(map(len, QUESTIONS.values()))
+    assert passes.new_tokens <= sum(map(len, prompts)) - (with_shots - 1) * shots - 3 * first_question, passes.shapes
+    assert any(cached for _, _, cached in passes.shapes)
+    if budget == 64:
+        assert all(rows * width <= 64 or rows == 1 for rows, width, _ in passes.shapes), passes.shapes
+    for job, ids in zip(jobs, prompts):
+        assert_equal_alone(model, ids, job.result.result(0)[0], job.top)
+
+
+def test_duplicates_prefixes_and_single_tokens_in_one_batch(model, tokenizer):
+    prompts = eval_prompts(tokenizer)
+    context = tokenizer(FEWSHOT + next(iter(QUESTIONS)))["input_ids"]  # the others' prefix, itself a prompt
+    jobs = [ScoreJob([prompts[0], context, prompts[1]], top=2), ScoreJob([prompts[1], [context[0]]], top=0),
+            ScoreJob([prompts[0]], top=5)]
+    score_jobs(model, tokenizer.pad_token_id, jobs)
+    first, second, third = (job.result.result(0) for job in jobs)
+    for ids, scored in zip([prompts[0], context, prompts[1]], first):
+        assert_equal_alone(model, ids, scored, 2)
+    assert_equal_alone(model, prompts[1], second[0], 0)
+    assert second[1] == []
+    assert_equal_alone(model, prompts[0], third[0], 5)
+
+
+def test_without_sharing_every_prompt_runs_alone(model, tokenizer, monkeypatch):
+    """A model whose attention is not plain causal (sliding windows, soft-capping) gets one row per prompt."""
+    monkeypatch.setattr(transformers_scoring, "supports", lambda config, length: False)
+    prompts = eval_prompts(tokenizer)
+    jobs = [ScoreJob([ids], top=1) for ids in prompts]
+    with Passes(model) as passes:
+        score_jobs(model, tokenizer.pad_token_id, jobs)
+    assert passes.new_tokens == sum(map(len, prompts)) and not any(cached for *_, cached in passes.shapes)
+    for job, ids in zip(jobs, prompts):
+        assert_equal_alone(model, ids, job.result.result(0)[0], 1)
+
+
+def test_a_failing_pass_fails_only_the_jobs_in_it(model, tokenizer, monkeypatch):
+    prompts = eval_prompts(tokenizer)
+    short = tokenizer("Hi there, how are you?")["input_ids"]
+    jobs = [ScoreJob(prompts[:2], top=0), ScoreJob([short], top=0)]
+    forward = model.forward
+
+    def failing_on_long_rows(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > len(short):
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_on_long_rows)
+    score_jobs(model, tokenizer.pad_token_id, jobs, token_budget=len(short))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        jobs[0].result.result(0)
+    monkeypatch.undo()
+    assert_equal_alone(model, short, jobs[1].result.result(0)[0], 0)
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model_dir):
+    from gunicorn_llm.engines.transformers_engine import TransformersEngine
+    from gunicorn_llm.settings import ServerSettings
+
+    return TransformersEngine(str(embedded_model_dir), "embedded", ServerSettings(BATCHING="generate"))
+
+
+def test_one_greedy_token_after_scoring_needs_no_pass(engine, reference_model, tokenizer, monkeypatch):
+    from gunicorn_llm.ops import metrics
+    from test_slot_batching import collect, greedy_ids
+
+    prompts = eval_prompts(tokenizer)[:3]
+    engine.prompt_logprobs(prompts, top=1)
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    with Passes(engine.model) as passes:
+        answers = []
+        for ids in prompts:
+            logprobs: dict = {}
+            tokens, reasons = collect(engine.start(ids, SamplingParams(temperature=0, max_tokens=1, logprobs=3, n=2,
+                                                                       seed=1234)), logprobs=logprobs)
+            answers.append((tokens, reasons, logprobs))
+    assert passes.shapes == [] and paths == ["scored"] * 3
+    for ids, (tokens, reasons, logprobs) in zip(prompts, answers):
+        want = alone(engine.model, ids)[-1]
+        values, top_ids = want.topk(3)
+        assert tokens == {0: greedy_ids(reference_model, ids, 1), 1: greedy_ids(reference_model, ids, 1)}
+        assert set(reasons.values()) == {"length"}
+        entry = logprobs[0][0]
+        assert entry.token_id == top_ids[0].item() and [t for t, _ in entry.top] == top_ids.tolist()
+        assert [entry.logprob] + [v for _, v in entry.top] == pytest.approx([values[0].item(), *values.tolist()],
+                                                                            **FLOAT32_SCORING)
+
+
+def test_other_requests_after_scoring_still_generate(engine, reference_model, tokenizer, monkeypatch):
+    from gunicorn_llm.ops import metrics
+    from test_slot_batching import collect, greedy_ids
+
+    ids = eval_prompts(tokenizer)[0]
+    engine.prompt_logprobs([ids])
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    for params in (SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=1, repetition_penalty=1.3),
+                   SamplingParams(temperature=0.8, max_tokens=1, seed=3),
+                   SamplingParams(temperature=0, max_tokens=1, logprobs=20)):
+        tokens, _ = collect(engine.start(ids, params))
+        if params.max_tokens == 2:
+            assert tokens == {0: greedy_ids(reference_model, ids, 2)}
+    assert paths == ["generate", "generate", "generate", "scored"]
+
+
+def test_next_tokens_keep_the_latest_prompts():
+    memo = NextTokens(capacity=2)
+    for token in range(3):
+        memo.remember([1, 2, token], [token], [-0.5])
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    assert memo.answer([1, 2, 0], greedy, frozenset()) is None
+    stream = memo.answer([1, 2, 2], greedy, frozenset({2}))
+    assert [(update.token_ids, update.finish_reason) for update in stream] == [([2], "stop")]
+
+
+def test_jobs_arriving_close_behind_join_the_batch():
+    jobs: queue.Queue = queue.Queue()
+
+    def arrive(gaps_s: list[float]) -> None:
+        for index, gap in enumerate(gaps_s):
+            time.sleep(gap)
+            jobs.put(index)
+
+    sender = threading.Thread(target=arrive, args=([0.002, 0.002, 0.002, 0.3],))
+    sender.start()
+    assert take_arriving(jobs, gap_s=0.1, max_s=1.0) == [0, 1, 2]  # the fourth came after a 0.3 s gap
+    sender.join()
+    started = time.monotonic()
+    sender = threading.Thread(target=arrive, args=([0.0] + [0.04] * 10,))
+    sender.start()
+    assert len(take_arriving(jobs, gap_s=0.1, max_s=0.2)) < 10 and time.monotonic() - started < 0.35  # no longer
+    sender.join()
