@@ -6,7 +6,7 @@ server on GPU 0 with its defaults, and sends 32 constrained requests (a JSON sch
 sampled) at once with 32 unconstrained greedy ones. Prints how many constrained answers conform, and how many of
 the first 4 unconstrained answers equal the same prompt's answer when it ran alone (in bf16 a batch's make-up can
 change a greedy answer by itself: a difference is a lead, not a proof), then a closing line
-`structured outputs on GPU (ENGINE): N/32 conform, M/4 unchanged`.
+`structured outputs on GPU (ENGINE): N/F finished answers conform (C of 32 cut at max_tokens), M/4 ...`.
 
 Usage: python scripts/gpu_structured_check.py CONFIG_AND_TOKENIZER_DIR [--shape 1.7b] [--infer_type vllm]
 """
@@ -38,10 +38,12 @@ CONSTRAINTS = [({"json": SCHEMA}, lambda text: set(json.loads(text)) == {"answer
                ({"regex": REGEX}, lambda text: re.fullmatch(REGEX, text) is not None)]
 
 
-def complete(url: str, prompt: str, **body) -> str:
+def complete(url: str, prompt: str, **body) -> tuple[str, str]:
+    """The answer's text and finish reason."""
     answer = requests.post(f"{url}/v1/completions", json={"prompt": prompt, **body}, timeout=300)
     answer.raise_for_status()
-    return answer.json()["choices"][0]["text"]
+    choice = answer.json()["choices"][0]
+    return choice["text"], choice["finish_reason"]
 
 
 def conforms(check, text: str) -> bool:
@@ -74,12 +76,16 @@ def main() -> None:
             free = [pool.submit(complete, server.url, prompt, max_tokens=24, temperature=0) for prompt in plain]
             shaped_texts = [future.result() for future in shaped]
             free_texts = [future.result() for future in free]
-        ok = sum(conforms(check, text) for ((_, check), _), text in zip(constrained, shaped_texts, strict=True))
+        # A random model can fill max_tokens with the whitespace JSON allows: such an answer is cut, not wrong.
+        finished = [(check, text) for ((_, check), _), (text, reason) in zip(constrained, shaped_texts, strict=True)
+                    if reason == "stop"]
+        ok = sum(conforms(check, text) for check, text in finished)
         unchanged = sum(a == b for a, b in zip(alone, free_texts[:4], strict=True))
-        for ((constraint, _), body), text in list(zip(constrained, shaped_texts, strict=True))[:6]:
-            print(f"{list(constraint)[0]:>6} temperature {body['temperature']}: {text!r}")
-        print(f"structured outputs on GPU ({options.infer_type}): {ok}/{len(constrained)} conform, "
-              f"{unchanged}/{len(alone)} unchanged", flush=True)
+        for ((constraint, _), body), (text, reason) in list(zip(constrained, shaped_texts, strict=True))[:6]:
+            print(f"{list(constraint)[0]:>6} temperature {body['temperature']}: {reason:>6} {text[:60]!r}")
+        print(f"structured outputs on GPU ({options.infer_type}): {ok}/{len(finished)} finished answers conform "
+              f"({len(constrained) - len(finished)} of {len(constrained)} cut at max_tokens), "
+              f"{unchanged}/{len(alone)} unconstrained answers unchanged", flush=True)
 
 
 if __name__ == "__main__":
