@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.inprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARKDOWN_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]

@@ -105,7 +105,7 @@ def test_shared_contexts_run_once_and_every_prompt_equals_its_own_pass(model, to
     assert any(cached for _, _, cached in passes.shapes)
     if budget == 64:
         assert all(rows * width <= 64 or rows == 1 for rows, width, _ in passes.shapes), passes.shapes
-    for job, ids in zip(jobs, prompts):
+    for job, ids in zip(jobs, prompts, strict=True):
         assert_equal_alone(model, ids, job.result.result(0)[0], job.top)
 
 
@@ -116,7 +116,7 @@ def test_duplicates_prefixes_and_single_tokens_in_one_batch(model, tokenizer):
             ScoreJob([prompts[0]], top=5)]
     score_jobs(model, tokenizer.pad_token_id, jobs)
     first, second, third = (job.result.result(0) for job in jobs)
-    for ids, scored in zip([prompts[0], context, prompts[1]], first):
+    for ids, scored in zip([prompts[0], context, prompts[1]], first, strict=True):
         assert_equal_alone(model, ids, scored, 2)
     assert_equal_alone(model, prompts[1], second[0], 0)
     assert second[1] == []
@@ -131,7 +131,7 @@ def test_without_sharing_every_prompt_runs_alone(model, tokenizer, monkeypatch):
     with Passes(model) as passes:
         score_jobs(model, tokenizer.pad_token_id, jobs)
     assert passes.new_tokens == sum(map(len, prompts)) and not any(cached for *_, cached in passes.shapes)
-    for job, ids in zip(jobs, prompts):
+    for job, ids in zip(jobs, prompts, strict=True):
         assert_equal_alone(model, ids, job.result.result(0)[0], 1)
 
 
@@ -178,7 +178,7 @@ def test_one_greedy_token_after_scoring_needs_no_pass(engine, reference_model, t
                                                                        seed=1234)), logprobs=logprobs)
             answers.append((tokens, reasons, logprobs))
     assert passes.shapes == [] and paths == ["scored"] * 3
-    for ids, (tokens, reasons, logprobs) in zip(prompts, answers):
+    for ids, (tokens, reasons, logprobs) in zip(prompts, answers, strict=True):
         want = alone(engine.model, ids)[-1]
         values, top_ids = want.topk(3)
         assert tokens == {0: greedy_ids(reference_model, ids, 1), 1: greedy_ids(reference_model, ids, 1)}

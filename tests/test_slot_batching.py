@@ -26,10 +26,10 @@ import torch
 from transformers import AutoConfig
 
 from conftest import FLOAT32_SCORING, plain_generate
+from gunicorn_llm.engines import transformers_generate
 from gunicorn_llm.engines.base import EngineDied, TokenLogprob
-from gunicorn_llm.request_schema import RequestError, SamplingParams
-from gunicorn_llm.engines import transformers_engine, transformers_generate
 from gunicorn_llm.engines.transformers_slots import SlotBatching, SlotCache, supports
+from gunicorn_llm.request_schema import RequestError, SamplingParams
 
 MAX_LEN = 256  # length buckets 128 and 256
 SLOTS = 3
@@ -171,7 +171,7 @@ def test_concurrent_greedy_prompts_through_fewer_slots_equal_plain_generate(slot
         thread.start()
     for thread in threads:
         thread.join(120)
-    for index, ((ids, max_tokens), want, result) in enumerate(zip(prompts, expected, results)):
+    for index, ((ids, _), want, result) in enumerate(zip(prompts, expected, results, strict=True)):
         assert not isinstance(result, BaseException), f"prompt {index}: {result!r}"
         tokens, reasons = result
         assert tokens[0] == want, (f"prompt {index} ({len(ids)} tokens): {tokenizer.decode(tokens[0])!r} != "
@@ -179,7 +179,7 @@ def test_concurrent_greedy_prompts_through_fewer_slots_equal_plain_generate(slot
         assert reasons == {0: "length"}
     assert max(rows for rows, _, _ in slots.steps) == SLOTS
     assert max(queued for _, queued, _ in slots.steps) > SLOTS, "no prompt waited for a slot"
-    assert any(any(t < s for s, t in zip(sources, targets)) for sources, targets in moves), \
+    assert any(any(t < s for s, t in zip(sources, targets, strict=True)) for sources, targets in moves), \
         f"no running sequence was moved down into a freed slot: {moves}"
 
 
@@ -381,8 +381,8 @@ def test_cache_budget_sets_the_slots(reference_model):
 def generate_engine(embedded_model_dir):
     """The transformers engine on its batched-generate path (the CPU default): the reference for what the slot
     engine must answer alike."""
-    from gunicorn_llm.settings import ServerSettings
     from gunicorn_llm.engines.transformers_engine import TransformersEngine
+    from gunicorn_llm.settings import ServerSettings
 
     return TransformersEngine(str(embedded_model_dir), "embedded",
                               ServerSettings(BATCHING="generate", MAX_MODEL_LEN=MAX_LEN))
@@ -444,7 +444,7 @@ def test_logprobs_equal_the_batched_generate_paths(slots, generate_engine, token
          SamplingParams(logprobs=0, temperature=0.5, top_k=1, max_tokens=6, ignore_eos=True)),
         (tokenizer("Once upon a time")["input_ids"], SamplingParams(max_tokens=6, **GREEDY)),  # asks for none
     ]
-    for (ids, params), (tokens, _, logprobs) in zip(requests, started_together(slots, requests)):
+    for (ids, params), (tokens, _, logprobs) in zip(requests, started_together(slots, requests), strict=True):
         want_logprobs: dict[int, list[TokenLogprob]] = {}
         want_tokens, _ = collect(generate_engine.start(ids, params), logprobs=want_logprobs)
         assert tokens == want_tokens
@@ -452,7 +452,7 @@ def test_logprobs_equal_the_batched_generate_paths(slots, generate_engine, token
             assert logprobs == {}
             continue
         assert len(logprobs[0]) == 6
-        for got, want in zip(logprobs[0], want_logprobs[0]):
+        for got, want in zip(logprobs[0], want_logprobs[0], strict=True):
             assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, abs=1e-4)
             assert [t for t, _ in got.top] == [t for t, _ in want.top] and len(got.top) == params.logprobs
             assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in want.top], abs=1e-4)
@@ -469,7 +469,7 @@ def test_penalty_rows_equal_the_batched_generate_paths(slots, generate_engine, r
     results = started_together(slots, requests)
     plain = greedy_ids(reference_model, ids, 10)
     assert results[-1][0] == {0: plain}
-    for (_, params), (tokens, _, _) in zip(requests[:-1], results):
+    for (_, params), (tokens, _, _) in zip(requests[:-1], results, strict=True):
         want, _ = collect(generate_engine.start(ids, params))
         assert tokens == want and tokens[0] != plain, params
 
@@ -488,7 +488,7 @@ def test_sampling_transforms_equal_transformers_warpers():
     logits = torch.randn(len(rows), 512, generator=torch.Generator().manual_seed(0)) * 3
     probs, order = RowSampler(logits.shape[1], logits.device).sorted_distribution(logits, rows)
     got = torch.zeros_like(logits).scatter_(-1, order, probs)
-    for row, (scores, params) in enumerate(zip(logits, (row.params for row in rows))):
+    for row, (scores, params) in enumerate(zip(logits, (row.params for row in rows), strict=True)):
         scores = TemperatureLogitsWarper(params.temperature)(None, scores[None])
         for warper, active in ((TopKLogitsWarper(max(params.top_k, 1)), params.top_k > 0),
                                (TopPLogitsWarper(params.top_p), params.top_p < 1.0),
@@ -537,8 +537,8 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
         hook.remove()
     # the first request's two prompts, then every distinct prompt of the others once
     assert [rows for rows, _ in passes] == [2, len(texts)], passes
-    for index, (texts_of_request, scores) in enumerate(zip(requests, results)):
-        for text, scored in zip(texts_of_request, scores):
+    for index, (texts_of_request, scores) in enumerate(zip(requests, results, strict=True)):
+        for text, scored in zip(texts_of_request, scores, strict=True):
             want = direct_prompt_logprobs(reference_model, text)
             assert [entry.token_id for entry in scored] == tokenizer(text)["input_ids"][1:]
             assert [entry.logprob for entry in scored] == pytest.approx(want.tolist(), **FLOAT32_SCORING)
@@ -554,7 +554,7 @@ def test_prompt_logprobs_within_a_small_token_budget_equal_unbatched(generate_en
             ScoreJob([tokenizer(text)["input_ids"] for text in texts[3:]], 0)]
     score_jobs(generate_engine.model, tokenizer.pad_token_id, jobs, token_budget=64)
     scores = jobs[0].result.result(0) + jobs[1].result.result(0)
-    for text, scored in zip(texts, scores):
+    for text, scored in zip(texts, scores, strict=True):
         assert [entry.logprob for entry in scored] == pytest.approx(
             direct_prompt_logprobs(reference_model, text).tolist(), **FLOAT32_SCORING)
 

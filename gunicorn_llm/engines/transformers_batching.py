@@ -37,7 +37,7 @@ class BatchingPath(ABC):
         """What /ready reports about this path beside its name."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: a path with nothing to stop keeps this default
         """Stop the path's threads as the worker exits. By default nothing: they are daemons."""
 
 

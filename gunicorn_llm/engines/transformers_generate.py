@@ -104,7 +104,7 @@ class _StepObserver(StoppingCriteria):
         tokens = input_ids[:, -1].tolist()
         logprobs = self._logprobs(tokens) if self.step_logprobs is not None else None
         done = []
-        for index, (row, token) in enumerate(zip(self.rows, tokens)):
+        for index, (row, token) in enumerate(zip(self.rows, tokens, strict=False)):
             if not row.done:
                 if row.job.stream.cancelled:
                     row.done = True

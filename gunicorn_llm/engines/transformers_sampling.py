@@ -58,8 +58,9 @@ def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, tops: list[int]
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
     top_values, top_ids = logprobs.topk(max(tops, default=0), dim=-1)
     return [
-        TokenLogprob(token, value, tuple(zip(ids[:top], values[:top])))
-        for token, value, ids, values, top in zip(tokens.tolist(), chosen, top_ids.tolist(), top_values.tolist(), tops)
+        TokenLogprob(token, value, tuple(zip(ids[:top], values[:top], strict=True)))
+        for token, value, ids, values, top in zip(tokens.tolist(), chosen, top_ids.tolist(), top_values.tolist(), tops,
+                                                  strict=True)
     ]
 
 
@@ -82,7 +83,7 @@ class RowSampler:
         if wanting:
             chosen = tokens[torch.tensor(wanting, device=self.device)]
             tops = [rows[index].params.logprobs for index in wanting]
-            for index, entry in zip(wanting, token_logprobs(model_logprobs, chosen, tops)):
+            for index, entry in zip(wanting, token_logprobs(model_logprobs, chosen, tops), strict=False):
                 entries[index] = entry
         return tokens.tolist(), entries
 
@@ -97,7 +98,8 @@ class RowSampler:
         # 1 where a column holds a real token (in_output: one of the output's), 0 on padding
         in_sequence = torch.tensor([[1.0] * len(tokens) + [0.0] * (width - len(tokens)) for tokens in seen])
         in_output = torch.tensor([[0.0] * len(rows[index].prompt_ids) + [1.0] * len(rows[index].output_ids)
-                                  + [0.0] * (width - len(tokens)) for index, tokens in zip(penalized, seen)])
+                                  + [0.0] * (width - len(tokens))
+                                  for index, tokens in zip(penalized, seen, strict=False)])
         weights = torch.stack([in_sequence, in_output]).to(self.device)
         settings = torch.tensor([[rows[index].params.repetition_penalty, rows[index].params.presence_penalty,
                                   rows[index].params.frequency_penalty] for index in penalized]).to(self.device)

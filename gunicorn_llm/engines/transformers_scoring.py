@@ -94,7 +94,8 @@ class NextTokens:
             self._top.move_to_end(key)
         ids, logprobs = top
         entries = None if params.logprobs is None else [
-            TokenLogprob(ids[0], logprobs[0], tuple(zip(ids[: params.logprobs], logprobs[: params.logprobs])))]
+            TokenLogprob(ids[0], logprobs[0],
+                         tuple(zip(ids[: params.logprobs], logprobs[: params.logprobs], strict=True)))]
         stream = GenerationStream(params.n, abort=lambda: None, interval=interval)
         reason = "stop" if ids[0] in stop_ids else "length"
         for choice in range(params.n):
@@ -364,7 +365,7 @@ def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
     targets = [segments[row].prompts[0].ids[segments[row].start + i + 1] for row, i in body]
     tops = [segments[row].top for row, _ in body]
     entries = _entries(flat, [row * width + i for row, i in body], targets, tops)
-    for row, segment in enumerate(segments):
+    for segment in segments:
         first = [] if segment.parent is None else [_first_entry(segment)]
         segment.entries = first + entries[: len(segment.ids) - 1]
         entries = entries[len(segment.ids) - 1 :]
@@ -377,7 +378,7 @@ def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
     for row, segment in enumerate(segments):
         if segment.children:
             segment.last_logits, segment.last_logsumexp = last[row], logsumexp[row].item()
-            segment.last_top = list(zip(top_ids[row], top_values[row]))
+            segment.last_top = list(zip(top_ids[row], top_values[row], strict=True))
         else:
             for job, _ in segment.prompts[0].uses:
                 if job.next_tokens is not None:
@@ -393,7 +394,8 @@ def _first_entry(segment: _Segment) -> TokenLogprob:
     top = segment.top
     if top > len(parent.last_top):
         values, ids = parent.last_logits.topk(top)
-        return TokenLogprob(token, value, tuple(zip(ids.tolist(), (values - parent.last_logsumexp).tolist())))
+        alternatives = zip(ids.tolist(), (values - parent.last_logsumexp).tolist(), strict=True)
+        return TokenLogprob(token, value, tuple(alternatives))
     return TokenLogprob(token, value, tuple(parent.last_top[:top]))
 
 
@@ -411,7 +413,7 @@ def _entries(flat: torch.Tensor, positions: list[int], targets: list[int], tops:
         top_values, top_ids = logits.topk(max(chunk_tops), dim=-1)
         top_values = (top_values - logsumexp[:, None]).tolist()
         entries.extend(
-            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top])))
+            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top], strict=True)))
             for token, value, ids, values, top in zip(chunk_targets, chosen, top_ids.tolist(), top_values,
-                                                      chunk_tops))
+                                                      chunk_tops, strict=False))
     return entries

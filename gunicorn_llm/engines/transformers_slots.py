@@ -344,7 +344,7 @@ class SlotBatching(ContinuousPath):
         """Publish each slot's new token (with its log-probability entry, if asked for) from `first_slot` on; free
         the slots of sequences that ended."""
         ended = []
-        for slot, (token, logprob) in enumerate(zip(tokens, logprobs), start=first_slot):
+        for slot, (token, logprob) in enumerate(zip(tokens, logprobs, strict=False), start=first_slot):
             sequence = self._running[slot]
             sequence.output_ids.append(token)
             sequence.last_token = token
@@ -374,7 +374,7 @@ class SlotBatching(ContinuousPath):
         movers = [slot for slot in range(kept, len(self._running)) if slot not in ended_set]
         if holes:
             self.cache.move(movers, holes)
-            for hole, mover in zip(holes, movers):
+            for hole, mover in zip(holes, movers, strict=False):
                 self._running[hole] = self._running[mover]
         del self._running[kept:]
 
