@@ -14,6 +14,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def _list_to_tuple(value: Any) -> Any:
+    """A JSON list as a tuple, so that the frozen models hash (equal requests batch together)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class RequestError(ValueError):
     """The request cannot be served as sent; `param` names the offending field (dotted path) when there is one."""
 
@@ -65,10 +70,7 @@ class StructuredOutputs(BaseModel):
             return json.dumps(value, sort_keys=True, ensure_ascii=False)
         return value
 
-    @field_validator("choice", mode="before")
-    @classmethod
-    def _list_to_tuple(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
+    _choices_as_tuple = field_validator("choice", mode="before")(_list_to_tuple)
 
     @field_validator("json_object")
     @classmethod
@@ -150,10 +152,7 @@ class SamplingParams(BaseModel):
             return tuple(value) or None  # no stop strings is the same request as none given
         return value
 
-    @field_validator("stop_token_ids", mode="before")
-    @classmethod
-    def _list_to_tuple(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
+    _stop_token_ids_as_tuple = field_validator("stop_token_ids", mode="before")(_list_to_tuple)
 
     @field_validator("stop")
     @classmethod

@@ -3,6 +3,7 @@ server per engine for the modules that hold both engines to one contract."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -84,6 +85,14 @@ class Server(ServerProcess):
         except ServerNotReady as error:
             raise AssertionError(str(error)) from None
         return {pid: answer["slice"] for pid, answer in ready.items()}
+
+
+@contextlib.contextmanager
+def kept_alive(server: Server):
+    """A server test starts and ends with the server up: a server that died fails loudly, with its log."""
+    assert server.process.poll() is None, f"the server exited:\n{server.log()[-3000:]}"
+    yield
+    assert server.process.poll() is None, f"the server exited during the test:\n{server.log()[-3000:]}"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from conftest import plain_generate
+from conftest import kept_alive, plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: 2018-..." (no end-of-sequence within 16)
@@ -37,10 +37,8 @@ def server(engine_server):
 
 @pytest.fixture(autouse=True)
 def server_alive(server):
-    """Each test starts (and ends) with the server up: a server that died fails loudly, with its log."""
-    assert server.process.poll() is None, f"the server exited:\n{server.log()[-3000:]}"
-    yield
-    assert server.process.poll() is None, f"the server exited during the test:\n{server.log()[-3000:]}"
+    with kept_alive(server):
+        yield
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from conftest import plain_generate
+from conftest import kept_alive, plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 120
@@ -63,10 +63,8 @@ def server_alive(request):
     if "server" not in request.fixturenames:
         yield
         return
-    server = request.getfixturevalue("server")
-    assert server.process.poll() is None, f"the server exited:\n{server.log()[-3000:]}"
-    yield
-    assert server.process.poll() is None, f"the server exited during the test:\n{server.log()[-3000:]}"
+    with kept_alive(request.getfixturevalue("server")):
+        yield
 
 
 @pytest.fixture
