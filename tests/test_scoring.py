@@ -207,6 +207,22 @@ def test_other_requests_after_scoring_still_generate(engine, reference_model, to
     assert paths == ["generate", "generate", "generate", "scored"]
 
 
+def test_a_constrained_token_after_scoring_is_generated_under_its_grammar(engine, tokenizer, monkeypatch):
+    from gunicorn_llm.ops import metrics
+    from gunicorn_llm.request_schema import StructuredOutputs
+    from test_slot_batching import collect
+
+    ids = eval_prompts(tokenizer)[1]
+    engine.prompt_logprobs([ids])
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    choice = StructuredOutputs(choice=["zebra"])
+    tokens, _ = collect(engine.start(ids, SamplingParams(temperature=0, max_tokens=1, structured_outputs=choice)))
+    assert paths == ["generate"]  # the scored next token knows nothing of the grammar
+    (token,) = tokens[0]
+    assert "zebra".startswith(tokenizer.decode([token])), tokenizer.decode([token])  # the grammar's, in any split
+
+
 def test_next_tokens_keep_the_latest_prompts():
     memo = NextTokens(capacity=2)
     for token in range(3):
