@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -153,7 +156,7 @@ def test_min_tokens_keeps_a_greedy_answer_going_past_its_end(server):
 
 def test_prompt_logprobs_in_vllms_shape_equal_a_direct_forward_pass(server, reference_model, tokenizer):
     top = 2
-    body = {"prompt": SCORED, "max_tokens": 1, "temperature": 0, "prompt_logprobs": top, "n": 2}
+    body = {"prompt": SCORED, "max_tokens": 1, "temperature": 1.0, "seed": 1, "prompt_logprobs": top, "n": 2}
     response = requests.post(f"{server.url}/v1/completions", json=body, timeout=HTTP_TIMEOUT)
     assert response.status_code == 200, response.text
     first, second = (choice["prompt_logprobs"] for choice in response.json()["choices"])
@@ -177,6 +180,31 @@ def test_prompt_logprobs_in_vllms_shape_equal_a_direct_forward_pass(server, refe
         likelier = int((want > value + FLOAT32_SCORING["abs"]).sum())
         as_likely = int((want >= value - FLOAT32_SCORING["abs"]).sum())
         assert likelier + 1 <= entry[str(token)]["rank"] <= as_likely, (position, entry)
+
+
+def documented_prompt_logprobs() -> tuple[dict, list]:
+    """docs/api.md's prompt_logprobs example: the body its curl line sends, and the prompt_logprobs it shows."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    line = next(line for line in page.splitlines() if line.startswith("curl ") and '"prompt_logprobs"' in line)
+    words = shlex.split(line)
+    shown = re.search(r"```json\n(.*?)\n```", page[page.index(line):], re.DOTALL).group(1)
+    return json.loads(words[words.index("-d") + 1]), json.loads(shown)["prompt_logprobs"]
+
+
+def test_the_documented_prompt_logprobs_example_answers_what_the_docs_show(server):
+    body, shown = documented_prompt_logprobs()
+    response = requests.post(f"{server.url}/v1/completions", json=body, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
+    answer = response.json()["choices"][0]["prompt_logprobs"]
+    assert answer[0] is None and shown[0] is None and len(answer) == len(shown)
+    for got, want in zip(answer[1:], shown[1:], strict=True):
+        assert got.keys() == want.keys()
+        for token, entry in want.items():
+            assert got[token]["decoded_token"] == entry["decoded_token"]
+            # a tail token's rank may move past a few near-equal ones with another engine's rounding
+            assert abs(got[token]["rank"] - entry["rank"]) <= entry["rank"] // 100, (token, got[token])
+            # the page rounds to 4 decimals
+            assert got[token]["logprob"] == pytest.approx(entry["logprob"], abs=FLOAT32_SCORING["abs"] + 5e-5)
 
 
 def test_prompt_logprobs_and_token_controls_are_refused_where_they_cannot_apply(server, tokenizer):
