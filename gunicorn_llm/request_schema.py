@@ -9,9 +9,19 @@ Wrong types and out-of-range values raise `RequestError` naming the field.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 
 def _list_to_tuple(value: Any) -> Any:
@@ -33,6 +43,15 @@ class RequestError(ValueError):
 
 
 GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a bias, either way
+_TOKEN_ID_KEY = re.compile(r"[0-9]+")
+# `logit_bias` on the wire: token ids (as JSON object keys, so strings) to biases. Kept as sorted (id, bias) pairs so
+# that the params hash; the document shows the wire form.
+LOGIT_BIAS_JSON = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                   "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS},
+                   "description": "token id (a string) -> bias added to its logit before sampling, -100 to 100"}
+LogitBias = Annotated[tuple[tuple[int, float], ...] | None,
+                      WithJsonSchema({"anyOf": [LOGIT_BIAS_JSON, {"type": "null"}], "default": None})]
 
 
 class StructuredOutputs(BaseModel):
@@ -142,6 +161,15 @@ class SamplingParams(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="constrain the answer to a JSON schema, any JSON object, a regex, a choice or a grammar"
     )
+    # vLLM's token controls (OpenAI's logit_bias), applied in vLLM's order: allowed ids, bad words, min_tokens, bias
+    logit_bias: LogitBias = None
+    allowed_token_ids: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        None, min_length=1, description="only these token ids may be generated")
+    bad_words: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(
+        None, description="words that may not be generated (vLLM's rule: a word's last token is banned where the "
+                          "answer so far ends with the tokens before it; with and without a leading space)")
+    min_tokens: int = Field(0, ge=0, description="tokens generated before an end-of-sequence or stop token, or a "
+                                                 "stop string, may end the answer")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -161,6 +189,39 @@ class SamplingParams(BaseModel):
             raise ValueError("stop strings must not be empty")
         return value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_as_sorted_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        pairs = []
+        for key, bias in value.items():
+            if isinstance(key, str) and _TOKEN_ID_KEY.fullmatch(key):
+                key = int(key)
+            if type(key) is not int or key < 0:
+                raise ValueError(f"keys are token ids (non-negative integers, as strings), not {key!r}")
+            if type(bias) not in (int, float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} must be a number from -100 to 100, not {bias!r}")
+            pairs.append((key, float(bias)))
+        return tuple(sorted(pairs)) or None  # no biases is the same request as none given
+
+    _allowed_ids_as_tuple = field_validator("allowed_token_ids", mode="before")(_list_to_tuple)
+
+    @field_validator("bad_words", mode="before")
+    @classmethod
+    def _bad_words_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(dict.fromkeys(value)) or None  # as vLLM: repeats dropped, none given is no list
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens_within_max_tokens(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")  # validated before (declared first); absent if it was invalid
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})")
+        return value
+
     @field_validator("temperature")
     @classmethod
     def _tiny_temperature_is_greedy(cls, value: float) -> float:
@@ -170,6 +231,12 @@ class SamplingParams(BaseModel):
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def controls_tokens(self) -> bool:
+        """Whether the request biases or restricts which tokens may come (logit_bias, allowed_token_ids, bad_words,
+        min_tokens): only sampling that applies these per row serves it."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words or self.min_tokens)
 
     @property
     def scores_prompt(self) -> bool:

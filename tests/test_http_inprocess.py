@@ -32,7 +32,11 @@ def tokenizer(embedded_model_dir):
 
 def scripted_client(tokenizer, **settings):
     """A test client of an app serving the scripted engine, once its engine is loaded; `settings` by variable."""
-    engine = ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]])
+    return scripted_client_of(ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]]),
+                              **settings)
+
+
+def scripted_client_of(engine: ScriptedEngine, **settings):
     app = create_app(lambda: engine, ServerSettings(**settings))
     client = app.test_client()
     deadline = time.monotonic() + 10
@@ -255,8 +259,8 @@ def test_a_request_id_becomes_the_answers_id(client):
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
     ("/v1/chat/completions", {"messages": QUESTION, "guided_json": {"type": "object"}}, "guided_json"),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"50256": -100}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"messages": QUESTION, "prompt_logprobs": 1}, "prompt_logprobs"),
 ])
 def test_a_field_the_server_does_not_honour_is_a_400_naming_it_not_a_silent_200(client, route, body, field):
     error = error_of(client.post(route, json=body), 400)
@@ -281,3 +285,88 @@ def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(
 def test_max_tokens_0_without_echo_is_a_400(client):
     response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
     assert error_of(response, 400)["param"] == "max_tokens"
+
+
+# -- token controls and prompt_logprobs: validated before anything runs ------------------------------------------
+
+
+@pytest.mark.parametrize(("route", "fields", "param", "named"), [
+    ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias", "'abc'"),
+    ("/v1/completions", {"logit_bias": {" 5": 1}}, "logit_bias", "' 5'"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", "-100 to 100"),
+    ("/v1/completions", {"logit_bias": {"5": True}}, "logit_bias.5", "valid number"),
+    ("/v1/completions", {"logit_bias": {"99999999": 1}}, "logit_bias", "99999999"),
+    ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias", "99999999"),
+    ("/v1/completions", {"allowed_token_ids": []}, "allowed_token_ids", "at least 1"),
+    ("/v1/completions", {"allowed_token_ids": [3, 123456789]}, "allowed_token_ids", "123456789"),
+    ("/v1/chat/completions", {"allowed_token_ids": [-1]}, "allowed_token_ids.0", "greater than or equal to 0"),
+    ("/v1/completions", {"bad_words": [" \n "]}, "bad_words", "tokenizes to no token"),
+    ("/v1/completions", {"bad_words": [""]}, "bad_words.0", "at least 1 character"),
+    ("/v1/completions", {"bad_words": [f"word{i}" for i in range(100)]}, "bad_words", "at most 128"),
+    ("/v1/completions", {"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed max_tokens (2)"),
+    ("/v1/completions", {"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs", "stream"),
+])
+def test_token_controls_and_prompt_logprobs_that_cannot_apply_are_400s_naming_the_field(client, route, fields, param,
+                                                                                       named):
+    body = {"prompt": "Hi"} if route == "/v1/completions" else {"messages": QUESTION}
+    error = error_of(client.post(route, json={**body, **fields}), 400)
+    assert error["param"] == param and named in error["message"], error
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/infer", {"instances": ["Hi"], "params": {"logit_bias": {"99999999": 1}}}, "params.logit_bias"),
+    ("/infer", {"instances": ["Hi"], "params": {"bad_words": ["  "]}}, "params.bad_words"),
+    ("/infer", {"instances": ["Hi"], "params": {"min_tokens": 17}}, "params.min_tokens"),
+    ("/generate", {"prompt": "Hi", "allowed_token_ids": [99999999]}, "allowed_token_ids"),
+])
+def test_the_native_routes_check_token_controls_too(client, route, body, param):
+    assert error_of(client.post(route, json=body), 400)["param"] == param
+
+
+def test_token_controls_reach_the_engine_as_sampling_params(tokenizer):
+    engine = ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]])
+    started = []
+    engine.start = lambda prompt_ids, params: started.append(params) or ScriptedEngine.start(engine, prompt_ids,
+                                                                                           params)
+    client = scripted_client_of(engine)
+    body = {"logit_bias": {"7": -100, "3": 2.5}, "allowed_token_ids": [3, 7, 9], "bad_words": ["x", "x", "y"],
+            "min_tokens": 2}
+    assert client.post("/v1/completions", json={"prompt": "Hi", **body}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": QUESTION, **body}).status_code == 200
+    assert client.post("/infer", json={"instances": ["Hi"], "params": body}).status_code == 200
+    for params in started:
+        assert params.logit_bias == ((3, 2.5), (7, -100.0)) and params.allowed_token_ids == (3, 7, 9)
+        assert params.bad_words == ("x", "y") and params.min_tokens == 2
+    assert len(started) == 3
+
+
+def test_prompt_logprobs_come_per_choice_in_vllms_shape(client, tokenizer):
+    prompt_ids = tokenizer("Hello there", add_special_tokens=True)["input_ids"]
+    body = {"prompt": ["Hello there", "Hello there"], "max_tokens": 2, "prompt_logprobs": 0, "n": 2}
+    choices = client.post("/v1/completions", json=body).get_json()["choices"]
+    assert len(choices) == 4
+    expected = [None] + [{str(token): {"logprob": ScriptedEngine.SCORED_LOGPROB, "rank": None,
+                                       "decoded_token": tokenizer.decode([token])}} for token in prompt_ids[1:]]
+    assert all(choice["prompt_logprobs"] == expected for choice in choices)
+    # as vLLM: echo with logprobs reports them as prompt_logprobs too; without either, no such key
+    echoed = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0}).get_json()["choices"][0]
+    assert echoed["prompt_logprobs"] == expected
+    plain = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 2}).get_json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+
+
+def test_a_stop_string_within_the_first_min_tokens_does_not_end_the_answer(client):
+    # the scripted answer is " one two three", one token each
+    def text(**fields):
+        body = {"prompt": "Hi", "max_tokens": 5, **fields}
+        return client.post("/v1/completions", json=body).get_json()["choices"][0]["text"]
+
+    assert text(stop=["one"]) == " "
+    assert text(stop=["one"], min_tokens=2) == " one two three"
+    assert text(stop=["three"], min_tokens=2) == " one two "
+    # as vLLM: a stop string counts when it ends past the first min_tokens tokens' text, wherever it starts
+    assert text(stop=["o t"], min_tokens=2) == " one tw"
+    assert text(stop=["o t"], min_tokens=3) == " one two three"

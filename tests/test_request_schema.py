@@ -28,6 +28,10 @@ VLLM_DEFAULTS = {
     "prompt_logprobs": None,
     "skip_special_tokens": True,
     "structured_outputs": None,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "min_tokens": 0,
 }
 
 
@@ -227,6 +231,39 @@ def test_a_body_that_is_not_an_object_is_refused(body):
 def test_null_params_means_the_defaults():
     request, ignored = parse_infer_request({"instances": ["Hello"], "params": None})
     assert request.params == SamplingParams() and ignored == []
+
+
+def test_logit_bias_is_kept_as_sorted_pairs_and_an_empty_one_is_none():
+    params = parse_params(logit_bias={"7": -100, "3": 2.5, "11": 0})
+    assert params.logit_bias == ((3, 2.5), (7, -100.0), (11, 0.0))
+    assert params == parse_params(logit_bias={"11": 0, "3": 2.5, "7": -100})  # equal requests batch together
+    assert parse_params(logit_bias={}) == SamplingParams()
+
+
+def test_token_controls_are_kept_and_said_to_be_asked_for():
+    params = parse_params(allowed_token_ids=[5, 3], bad_words=["a", "b", "a"], min_tokens=3)
+    assert params.allowed_token_ids == (5, 3) and params.bad_words == ("a", "b") and params.min_tokens == 3
+    assert params.controls_tokens and not SamplingParams().controls_tokens
+    assert parse_params(bad_words=[]) == SamplingParams()
+
+
+@pytest.mark.parametrize(("params", "param"), [
+    ({"logit_bias": {"x": 1}}, "params.logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "params.logit_bias"),
+    ({"logit_bias": {"1": -100.5}}, "params.logit_bias"),
+    ({"logit_bias": {"1": "5"}}, "params.logit_bias"),
+    ({"logit_bias": [[1, 5]]}, "params.logit_bias"),
+    ({"allowed_token_ids": []}, "params.allowed_token_ids"),
+    ({"allowed_token_ids": [1, -2]}, "params.allowed_token_ids.1"),
+    ({"bad_words": "Paris"}, "params.bad_words"),
+    ({"bad_words": ["ok", ""]}, "params.bad_words.1"),
+    ({"min_tokens": -1}, "params.min_tokens"),
+    ({"min_tokens": 17}, "params.min_tokens"),  # above max_tokens' default, 16
+    ({"min_tokens": 5, "max_tokens": 4}, "params.min_tokens"),
+])
+def test_token_controls_out_of_range_name_the_field(params, param):
+    error = params_error(**params)
+    assert error.param == param and param in error.message
 
 
 def test_empty_stop_list_is_the_same_request_as_no_stop():

@@ -31,6 +31,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+    rank: int | None = None  # prompt tokens: 1 + how many tokens are likelier (vLLM's: how many are as likely or more)
 
 
 @dataclass

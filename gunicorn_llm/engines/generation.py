@@ -2,7 +2,8 @@
 
 Each route tokenizes its prompt, starts a `TextGeneration`, and either iterates its text deltas (streaming) or
 collects them. Stop strings are found here, in the decoded text, for both engines alike: the answer ends before
-the stop string and the engine is told to stop. Closing a generation before it finished (a client that left)
+the stop string and the engine is told to stop; with `min_tokens`, as in vLLM, only a stop string that ends after
+the text of the first min_tokens tokens counts. Closing a generation before it finished (a client that left)
 cancels it in the engine, so the capacity comes back at once.
 """
 
@@ -54,6 +55,8 @@ class _ChoiceText:
         self.read_offset = 0  # tokens already in `text`
         self.sent = 0  # characters of the text already handed out
         self.hold = max((len(s) for s in params.stop or ()), default=1) - 1
+        # where a stop string may end at the earliest: past the first min_tokens tokens' text (None: not known yet)
+        self.stops_after: int | None = 0 if not params.min_tokens else None
 
     def advance(self, update: ChoiceUpdate) -> tuple[str, str | None, int]:
         """The text that can be released now, the finish reason (which a stop string may set), and how many of the
@@ -66,8 +69,12 @@ class _ChoiceText:
         finish, kept = update.finish_reason, len(update.token_ids)
         self._decode(ids, final=finish is not None)
         text = self.text
-        found = [(i, stop) for stop in self.params.stop or ()
-                 if (i := text.find(stop, max(0, self.sent - len(stop)))) >= 0]
+        if self.stops_after is None and len(self.token_ids) > self.params.min_tokens:
+            self.stops_after = len(self.tokenizer.decode(self.token_ids[: self.params.min_tokens],
+                                                         skip_special_tokens=self.params.skip_special_tokens))
+        stops = self.params.stop if self.stops_after is not None else ()
+        found = [(i, stop) for stop in stops or ()
+                 if (i := text.find(stop, max(0, self.sent - len(stop), self.stops_after - len(stop) + 1))) >= 0]
         if found:
             cut, stop = min(found, key=lambda match: (match[0], len(match[1])))  # the first to end the text
             text, finish = text[:cut], "stop"

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from typing import ClassVar
 
 from gunicorn_llm.engines.base import GenerationStream
+from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.request_schema import SamplingParams
 
 
@@ -25,9 +26,11 @@ class BatchingPath(ABC):
         """Whether this path applies everything `params` asks for."""
 
     @abstractmethod
-    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
+    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+              controls: TokenControls | None = None) -> GenerationStream:
         """Begin generating `params.n` choices, each ending on one of `stop_ids` or after `params.max_tokens`
-        tokens; returns at once (called from many request threads)."""
+        tokens, under the request's token `controls` (a path that cannot apply them refuses them in `can_serve`);
+        returns at once (called from many request threads)."""
 
     @abstractmethod
     def running(self) -> int:

@@ -6,8 +6,8 @@ Sequences join and leave the running batch at every step, so a short request nev
 cancelled one leaves at once.
 
 The manager applies temperature, top-k and top-p per request and a per-request end-of-sequence set; requests that
-need anything else (a sampling seed, penalties, min_p, logprobs, structured outputs: the manager has no per-request
-logits hook to mask a constrained sequence's logits) go to the engine's batched `generate` path instead
+need anything else (a sampling seed, penalties, min_p, logprobs, structured outputs or token controls: the manager
+has no per-request logits hook to mask or bias a sequence's logits) go to the engine's batched `generate` path instead
 (`can_serve`; the engine drops a greedy request's seed before asking). Greedy decoding is top-k 1 sampling, since
 the manager samples or argmaxes for every request alike.
 """
@@ -89,9 +89,11 @@ class ContinuousBatching(ContinuousPath):
             and params.repetition_penalty == 1.0
             and params.min_p == 0.0
             and params.structured_outputs is None
+            and not params.controls_tokens
         )
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
+    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+              controls=None) -> GenerationStream:  # controls: always None here (can_serve)
         if self._loop_error is not None:
             raise RuntimeError(f"the generation loop died: {self._loop_error}")
         request_ids = [uuid.uuid4().hex for _ in range(params.n)]

@@ -13,7 +13,8 @@ A request goes to the continuous path if it can serve it, else to batched `gener
 dropped on arrival: it draws nothing, and must not split it from its batch. Prompt log-probabilities go to the
 batched-generate thread on every path, where every request waiting is scored in shared forward passes
 (transformers_scoring.py); a greedy one-token generation of a prompt scored a moment ago is answered from that
-scoring. Which path served each prompt is counted in /metrics. Structured outputs are compiled
+scoring. Token controls (logit_bias, allowed_token_ids, bad_words, min_tokens: token_controls.py) are applied on the
+slot and batched-generate paths. Which path served each prompt is counted in /metrics. Structured outputs are compiled
 with xgrammar for this model's tokenizer (grammars.py) when a request arrives, and masked on the slot and
 batched-generate paths; transformers' continuous batching leaves constrained requests to batched `generate`.
 
@@ -30,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from gunicorn_llm.engines.base import Engine, GenerationStream, wait_for
 from gunicorn_llm.engines.grammars import Grammars
+from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_generate import BatchedGenerate
@@ -167,7 +169,9 @@ class TransformersEngine(Engine):
             return answered
         path = next(path for path in self.paths if path.can_serve(params))
         metrics.engine_path_taken(path.name)
-        return path.start(prompt_ids, params, stop_ids)
+        # min_tokens holds back the end-of-sequence tokens also when the request ignores them, as vLLM does
+        controls = TokenControls.of(params, self.tokenizer, stop_ids | frozenset(self.eos_token_ids), self.device)
+        return path.start(prompt_ids, params, stop_ids, controls)
 
     def check_structured_outputs(self, constraint: StructuredOutputs) -> None:
         self.grammars.compile(constraint)

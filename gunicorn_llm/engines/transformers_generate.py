@@ -3,7 +3,9 @@
 Request threads queue their work; one batching thread takes everything waiting, groups it by sampling parameters and
 runs each group as one batched `generate`. A structured-output constraint does not split a group: each constrained
 row has its own grammar matcher (grammars.py), which masks the row's logits first among the processors and ends the
-row when its grammar does. It is the default on CPU, where it measured far faster
+row when its grammar does; a request's token controls (token_controls.py: logit bias, allowed ids, bad words,
+min_tokens) are part of its group's sampling and are applied per row after the log-probabilities are taken. It is
+the default on CPU, where it measured far faster
 (docs/benchmarks.md), the path for a model spread over several GPUs, and the path for what continuous batching
 cannot do. A step observer publishes every row's new token as it is sampled, so this path streams too, and ends a
 row as soon as its client cancels. Sampling transforms are applied by this module's own processor list, so the
@@ -40,6 +42,7 @@ from transformers import (
 
 from gunicorn_llm.engines.base import ChoiceUpdate, EngineDied, GenerationStream, TokenLogprob
 from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_matcher
+from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
 from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
@@ -54,6 +57,7 @@ class GenerateJob:
     params: SamplingParams
     stop_ids: frozenset[int]
     stream: GenerationStream
+    controls: TokenControls | None = None  # equal params, equal controls: a group's rows share them
 
 
 @dataclass
@@ -155,6 +159,25 @@ class _GrammarMask(LogitsProcessor):
         return scores
 
 
+class _TokenControls(LogitsProcessor):
+    """After the log-probabilities are taken: each row still running under its request's token controls."""
+
+    def __init__(self, rows: list[_Row], prompt_width: int):
+        self.rows = rows
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        for index, row in enumerate(self.rows):
+            controls = row.job.controls
+            if controls is None or row.done:
+                continue
+            recent = input_ids[index, input_ids.shape[1] - min(controls.context, generated):].tolist() \
+                if controls.context and generated else []
+            controls.apply(scores[index], generated, recent)
+        return scores
+
+
 class BatchedGenerate(BatchingPath):
     name = "generate"
 
@@ -183,10 +206,11 @@ class BatchedGenerate(BatchingPath):
         """Every generation request."""
         return True
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
+    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+              controls: TokenControls | None = None) -> GenerationStream:
         # the step observer sees `cancelled` and ends rows
         stream = GenerationStream(params.n, abort=lambda: None, interval=self.stream_interval)
-        self._jobs.put(GenerateJob(prompt_ids, params, stop_ids, stream))
+        self._jobs.put(GenerateJob(prompt_ids, params, stop_ids, stream, controls))
         return stream
 
     def score(self, prompts: list[list[int]], top: int, next_tokens: NextTokens | None = None) -> Future:
@@ -279,6 +303,8 @@ class BatchedGenerate(BatchingPath):
         processors: list = [_GrammarMask(observer.rows)] if any(row.matcher for row in observer.rows) else []
         if params.logprobs is not None:
             processors.append(_RawLogprobs(observer))
+        if params.controls_tokens:
+            processors.append(_TokenControls(observer.rows, prompt_width))
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:

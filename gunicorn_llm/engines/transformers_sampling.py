@@ -4,7 +4,8 @@ paths of the transformers engine, so that they report the same numbers.
 
 Per row, in the batched-generate path's order (transformers_generate.py, which uses transformers' processors): the
 structured-output mask (grammars.py: a constrained row keeps only the tokens its grammar allows), the
-model's log-probabilities (before any other transform, as vLLM reports them), repetition penalty (over prompt and
+model's log-probabilities (before any other transform, as vLLM reports them), the request's token controls
+(token_controls.py: allowed ids, bad words, min_tokens, logit bias), repetition penalty (over prompt and
 output), presence and frequency penalties (over the output), then temperature, top-k, top-p and min-p, and the draw.
 Everything is vectorised over the rows; a row pays only for what its request asks for (log-probabilities and
 penalties are computed for the rows that want them only).
@@ -21,6 +22,7 @@ import torch
 
 from gunicorn_llm.engines.base import TokenLogprob
 from gunicorn_llm.engines.grammars import mask_logits
+from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.request_schema import SamplingParams
 
 
@@ -32,6 +34,7 @@ class SampledRow(Protocol):
     output_ids: list[int]
     generator: torch.Generator | None  # a seeded sampling sequence's own random numbers; None: the global ones
     matcher: object | None  # a constrained sequence's xgrammar matcher (grammars.py); None: unconstrained
+    controls: TokenControls | None  # its request's token controls (token_controls.py); None: none asked for
 
 
 def generator_for(params: SamplingParams, choice: int, device: torch.device) -> torch.Generator | None:
@@ -77,6 +80,9 @@ class RowSampler:
         mask_logits(logits, [row.matcher for row in rows])
         wanting = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
         model_logprobs = torch.log_softmax(logits[wanting], dim=-1) if wanting else None  # before any transform
+        for index, row in enumerate(rows):
+            if row.controls is not None:
+                row.controls.apply(logits[index], len(row.output_ids), row.output_ids)
         self._penalize(logits, rows)
         tokens = self._draw(logits, rows)
         entries: list[TokenLogprob | None] = [None] * len(rows)

@@ -12,7 +12,8 @@ prompt's numbers are those of its own tokens over its own prefix whatever its ba
 prompt alone within 1e-5).
 
 Log-probabilities come from the logits a chunk of positions at a time: the chosen token's logit and the top-k, less
-the position's logsumexp; no log-softmax over the vocabulary is built. The last position of every prompt gives the
+the position's logsumexp, and the chosen token's rank (vLLM's: how many tokens are at least as likely); no
+log-softmax over the vocabulary is built. The last position of every prompt gives the
 distribution of the token after it too: `NextTokens` keeps its top entries, and the engine answers a greedy
 one-token generation of that prompt from them (lm-evaluation-harness asks for one right after the echoed
 log-probabilities) instead of a second pass over the prompt.
@@ -20,6 +21,7 @@ log-probabilities) instead of a second pass over the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -83,8 +85,10 @@ class NextTokens:
     def answer(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
                interval: int = 1) -> GenerationStream | None:
         """A finished stream for a greedy request of one token whose prompt was scored; None for anything else."""
+        # what the scoring saw is the model's own distribution: nothing may reshape it
         if not (params.is_greedy and params.max_tokens == 1 and not has_penalties(params)) or (
-                params.logprobs or 0) > NEXT_TOKEN_TOP or params.structured_outputs is not None:
+                params.logprobs or 0) > NEXT_TOKEN_TOP or params.structured_outputs is not None or (
+                params.controls_tokens):
             return None
         key = self._key(prompt_ids)
         with self._lock:
@@ -219,8 +223,7 @@ def _prompt_entries(prompt: _Prompt, top: int) -> list[TokenLogprob]:
         entries[:0] = segment.entries
         segment = segment.parent
     # a segment shared with prompts that ask for more alternatives has them all
-    return [entry if len(entry.top) == top else TokenLogprob(entry.token_id, entry.logprob, entry.top[:top])
-            for entry in entries]
+    return [entry if len(entry.top) == top else dataclasses.replace(entry, top=entry.top[:top]) for entry in entries]
 
 
 def _fail(segments: list[_Segment], error: Exception) -> None:
@@ -390,13 +393,15 @@ def _first_entry(segment: _Segment) -> TokenLogprob:
     """The segment's first token, from its parent's last position."""
     parent = segment.parent
     token = segment.prompts[0].ids[segment.start]
-    value = parent.last_logits[token].item() - parent.last_logsumexp
+    logit = parent.last_logits[token]
+    value = logit.item() - parent.last_logsumexp
+    rank = int((parent.last_logits >= logit).sum())
     top = segment.top
     if top > len(parent.last_top):
         values, ids = parent.last_logits.topk(top)
         alternatives = zip(ids.tolist(), (values - parent.last_logsumexp).tolist(), strict=True)
-        return TokenLogprob(token, value, tuple(alternatives))
-    return TokenLogprob(token, value, tuple(parent.last_top[:top]))
+        return TokenLogprob(token, value, tuple(alternatives), rank)
+    return TokenLogprob(token, value, tuple(parent.last_top[:top]), rank)
 
 
 def _entries(flat: torch.Tensor, positions: list[int], targets: list[int], tops: list[int]) -> list[TokenLogprob]:
@@ -408,12 +413,13 @@ def _entries(flat: torch.Tensor, positions: list[int], targets: list[int], tops:
         chunk_tops = tops[at : at + POSITIONS_PER_CHUNK]
         logits = flat[index].float()  # a copy of these positions only (index_select: 70x slower on CPU here)
         logsumexp = torch.logsumexp(logits, dim=-1)
-        chosen = (logits.gather(-1, torch.tensor(chunk_targets, device=flat.device)[:, None]).squeeze(-1)
-                  - logsumexp).tolist()
+        target_logits = logits.gather(-1, torch.tensor(chunk_targets, device=flat.device)[:, None])
+        chosen = (target_logits.squeeze(-1) - logsumexp).tolist()
+        ranks = (logits >= target_logits).sum(dim=-1).tolist()  # vLLM's rank: tokens at least as likely
         top_values, top_ids = logits.topk(max(chunk_tops), dim=-1)
         top_values = (top_values - logsumexp[:, None]).tolist()
         entries.extend(
-            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top], strict=True)))
-            for token, value, ids, values, top in zip(chunk_targets, chosen, top_ids.tolist(), top_values,
-                                                      chunk_tops, strict=False))
+            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top], strict=True)), rank)
+            for token, value, ids, values, top, rank in zip(chunk_targets, chosen, top_ids.tolist(), top_values,
+                                                            chunk_tops, ranks, strict=False))
     return entries

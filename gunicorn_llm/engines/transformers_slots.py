@@ -14,9 +14,9 @@ garbage nobody reads. New prompts are prefilled eagerly, several together, into 
 
 The model runs unmodified: `SlotCache` is its `past_key_values` (attention layers call only `update`), and a 4D
 mask limits each row to its own tokens. Sampling runs after the graph, every row under its own request's parameters
-(transformers_sampling.py: log-probabilities, penalties, temperature, top-k, top-p, min-p, and one generator per
-seeded sequence, and the structured-output mask of constrained sequences, grammars.py), so every generation
-request can be served here, constrained and unconstrained ones in the same batch.
+(transformers_sampling.py: log-probabilities, token controls, penalties, temperature, top-k, top-p, min-p, and one
+generator per seeded sequence, and the structured-output mask of constrained sequences, grammars.py), so every
+generation request can be served here, constrained and unconstrained ones in the same batch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
 from gunicorn_llm.engines.grammars import Grammars, advance, new_matcher
+from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import RowSampler, generator_for
 from gunicorn_llm.request_schema import RequestError, SamplingParams
@@ -129,6 +130,7 @@ class _Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator | None  # a seeded sampling choice's own random numbers
     matcher: object | None = None  # a constrained choice's xgrammar matcher (grammars.py)
+    controls: TokenControls | None = None  # its request's token controls (token_controls.py)
     arrived: float = field(default_factory=time.monotonic)
     position: int = 0  # the cache column the next token is written to (= tokens in the cache)
     output_ids: list[int] = field(default_factory=list)
@@ -192,7 +194,8 @@ class SlotBatching(ContinuousPath):
 
     # -- what request threads call -------------------------------------------------------------------------------
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> GenerationStream:
+    def start(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+              controls: TokenControls | None = None) -> GenerationStream:
         if len(prompt_ids) >= self.max_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.max_len - 1} (--max-model-len {self.max_len})")
@@ -200,7 +203,7 @@ class SlotBatching(ContinuousPath):
         stream = GenerationStream(params.n, abort=lambda: self._cancel(sequences), interval=self.stream_interval)
         sequences.extend(_Sequence(stream, choice, prompt_ids, params, stop_ids,
                                    generator_for(params, choice, self.device),
-                                   new_matcher(self.grammars, params.structured_outputs))
+                                   new_matcher(self.grammars, params.structured_outputs), controls)
                          for choice in range(params.n))
         with self._wakeup:  # the same lock as _fail_all's: a sequence is either failed there or never queued
             if self._loop_error is not None:

@@ -16,7 +16,8 @@ Either way, no engine process outlives its worker: every process the worker star
 group (ops/engine_processes.py), and the gunicorn master ends whatever is left of a worker that exited, before its
 slice is given to a replacement.
 
-Structured outputs go to vLLM's own structured decoding (`StructuredOutputsParams`, its default backend); a request's
+Token controls (logit_bias, allowed_token_ids, bad_words, min_tokens) go to vLLM's sampler as they are. Structured
+outputs go to vLLM's own structured decoding (`StructuredOutputsParams`, its default backend); a request's
 constraint is first checked by vLLM's own validation in the request thread (cached by the constraint), so one that
 cannot compile is the client's 400, not a failed generation.
 
@@ -195,6 +196,10 @@ class VLLMEngine(Engine):
             max_tokens=params.max_tokens,
             logprobs=params.logprobs,
             structured_outputs=_structured_outputs(params.structured_outputs) if params.structured_outputs else None,
+            logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+            allowed_token_ids=list(params.allowed_token_ids) if params.allowed_token_ids else None,
+            bad_words=list(params.bad_words) if params.bad_words else None,  # tokenized by vLLM, by its own rule
+            min_tokens=params.min_tokens,
             # Text and stop strings are found above the engine, for both engines alike (generation.py).
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
@@ -287,5 +292,5 @@ def _token_logprob(token: int, entry: dict, top: int) -> TokenLogprob:
     """vLLM's {token id: Logprob} for one position (the chosen token plus the likeliest ones) as a TokenLogprob."""
     ranked = sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top),
                     key=lambda pair: -pair[1])
-    return TokenLogprob(token, entry[token].logprob, tuple(ranked[:top]))
+    return TokenLogprob(token, entry[token].logprob, tuple(ranked[:top]), entry[token].rank)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from flask import Response, current_app, g, jsonify, request
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from gunicorn_llm.engines.base import DeadlineExceeded, Engine
 from gunicorn_llm.engines.generation import TextGeneration
+from gunicorn_llm.engines.token_controls import bad_words_token_ids
 from gunicorn_llm.http.unhonoured_fields import UNHONOURED, refuse_unhonoured
 from gunicorn_llm.ops.metrics import RequestStats
 from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error
@@ -156,10 +157,26 @@ def encode_text(engine: Engine, text: str, add_special_tokens: bool = True, para
     return engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
+def check_token_ids(engine: Engine, ids: Iterable[int], param: str) -> None:
     vocab = len(engine.tokenizer)
-    if any(not 0 <= token < vocab for token in ids):
-        raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}", param)
+    outside = [token for token in ids if not 0 <= token < vocab]
+    if outside:
+        named = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+        raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}, not {named}", param)
+
+
+def check_token_controls(engine: Engine, params: SamplingParams, prefix: str = "") -> None:
+    """Token ids the model does not have, and bad words vLLM would refuse, are the client's 400 before the request is
+    admitted; the field is named after `prefix` (e.g. `params.`)."""
+    if params.logit_bias:
+        check_token_ids(engine, (token for token, _ in params.logit_bias), f"{prefix}logit_bias")
+    if params.allowed_token_ids:
+        check_token_ids(engine, params.allowed_token_ids, f"{prefix}allowed_token_ids")
+    if params.bad_words:
+        try:
+            bad_words_token_ids(engine.tokenizer, params.bad_words)
+        except ValueError as error:
+            raise RequestError(f"{prefix}bad_words: {error}", f"{prefix}bad_words") from None
 
 
 def check_structured_outputs(engine: Engine, params: SamplingParams, field: str | None = None,

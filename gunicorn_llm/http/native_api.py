@@ -19,6 +19,7 @@ from gunicorn_llm.engines.generation import TextGeneration
 from gunicorn_llm.http.common import (
     check_prompt_count,
     check_structured_outputs,
+    check_token_controls,
     current_engine,
     deadline,
     encode_prompt,
@@ -44,6 +45,7 @@ def infer():
     engine = current_engine()
     params = infer_request.params
     check_structured_outputs(engine, params, prefix="params.structured_outputs")
+    check_token_controls(engine, params, prefix="params.")
     prompts = [encode_prompt(engine, text, params) for text in infer_request.instances]
     admit()
     if params.scores_prompt:
@@ -98,6 +100,7 @@ def generate():
         raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
     engine = current_engine()
     check_structured_outputs(engine, params)
+    check_token_controls(engine, params)
     prompt_ids = encode_prompt(engine, prompt, params)
     admit()
     generation = start_generation(engine, prompt_ids, params)

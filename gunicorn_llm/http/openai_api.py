@@ -17,10 +17,11 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
 from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGeneration
@@ -28,6 +29,7 @@ from gunicorn_llm.http.common import (
     check_model_name,
     check_prompt_count,
     check_structured_outputs,
+    check_token_controls,
     current_engine,
     deadline,
     encode_prompt,
@@ -38,7 +40,13 @@ from gunicorn_llm.http.common import (
     start_generation,
 )
 from gunicorn_llm.http.guards import admit
-from gunicorn_llm.request_schema import RequestError, SamplingParams, StructuredOutputs, as_request_error
+from gunicorn_llm.request_schema import (
+    LOGIT_BIAS_JSON,
+    RequestError,
+    SamplingParams,
+    StructuredOutputs,
+    as_request_error,
+)
 
 log = logging.getLogger("gunicorn.error")
 
@@ -113,6 +121,12 @@ class _SamplingFields(BaseModel):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: json, json_object, regex, "
                                                                            "choice or grammar")
+    # token controls, checked as SamplingParams' fields
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema({"anyOf": [LOGIT_BIAS_JSON, {"type": "null"}]})] \
+        = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    min_tokens: int | None = None
 
     def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
         """The answer's constraint, and for response_format the field that set it (for errors)."""
@@ -131,6 +145,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: each choice's `prompt_logprobs`, "
+                                        "the prompt tokens' log-probabilities with this many likeliest alternatives")
 
     @field_validator("prompt")
     @classmethod
@@ -218,7 +234,8 @@ def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, 
     fields = {
         key: getattr(request, key)
         for key in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
-                    "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+                    "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+                    "logit_bias", "allowed_token_ids", "bad_words", "min_tokens")
         if getattr(request, key) is not None
     }
     try:
@@ -227,6 +244,7 @@ def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, 
         raise as_request_error(error) from None
     params = params.model_copy(update={"structured_outputs": constraint})  # validated already, in the request
     check_structured_outputs(engine, params, constraint_field)
+    check_token_controls(engine, params)
     return params
 
 
@@ -252,12 +270,19 @@ def completions():
     if prompt_only and not request.echo:
         raise RequestError("max_tokens 0 generates nothing: it is for scoring a prompt, with echo (and logprobs)",
                            "max_tokens")
+    if request.stream and request.prompt_logprobs is not None:  # as vLLM: whole answers only
+        raise RequestError("prompt_logprobs is not available with stream: true", "prompt_logprobs")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
     params = _sampling_params(engine, request, 1 if prompt_only else max_tokens, request.logprobs)
     check_prompt_count(len(request.prompts()))
     prompts = [encode_prompt(engine, prompt, params, request.add_special_tokens) for prompt in request.prompts()]
     admit()
-    echoed = [_echo(engine, ids, params) for ids in prompts] if request.echo else None
+    # vLLM's: echoed log-probabilities are prompt log-probabilities too, and reported as such in whole answers
+    prompt_top = request.prompt_logprobs if request.prompt_logprobs is not None else (
+        params.logprobs if request.echo else None)
+    scored = engine.prompt_logprobs(prompts, top=prompt_top, deadline=deadline()) if prompt_top is not None else None
+    echoed = [_echo(engine, ids, params, scored[index] if scored else None) for index, ids in enumerate(prompts)
+              ] if request.echo else None
     if prompt_only:
         generations = [_NothingGenerated(params.n) for _ in prompts]
     else:
@@ -282,6 +307,8 @@ def completions():
                     )
             choices.append({"index": prompt_index * params.n + choice, "text": text, "logprobs": logprobs,
                             "finish_reason": result.finish_reason})
+            if scored is not None:
+                choices[-1]["prompt_logprobs"] = _prompt_logprobs(engine, scored[prompt_index], prompt_top)
             answer.completion_tokens += len(result.token_ids)
     answer.prompt_tokens = sum(len(ids) for ids in prompts)
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
@@ -303,15 +330,31 @@ class _NothingGenerated:
         pass
 
 
-def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, dict | None]:
-    """The prompt's text, and with logprobs its tokens' log-probabilities (the first token has none)."""
+def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored: list[TokenLogprob] | None
+          ) -> tuple[str, dict | None]:
+    """The prompt's text, and with logprobs its tokens' log-probabilities from `scored` (the first token has none)."""
     text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=params.skip_special_tokens)
     if params.logprobs is None:
         return text, None
-    scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs, deadline=deadline())[0]
     first = engine.tokenizer.decode(prompt_ids[:1])
+    # the prompt may have been scored with more alternatives, for prompt_logprobs
+    scored = [replace(entry, top=entry.top[: params.logprobs]) for entry in scored]
     logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
     return text, logprobs
+
+
+def _prompt_logprobs(engine: Engine, scored: list[TokenLogprob], top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then for each one {token id: {logprob,
+    rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to top, the prompt token by how many
+    are as likely or more); a log-probability of -inf is -9999, as vLLM's server clamps it for JSON."""
+    positions: list[dict | None] = [None]
+    for entry in scored:
+        ranked = {entry.token_id: (entry.logprob, entry.rank)}
+        ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
+        positions.append({str(token): {"logprob": max(logprob, -9999.0), "rank": rank,
+                                       "decoded_token": engine.tokenizer.decode([token])}
+                          for token, (logprob, rank) in ranked.items()})
+    return positions
 
 
 def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):

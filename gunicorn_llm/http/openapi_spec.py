@@ -106,11 +106,20 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptTokenLogprob(BaseModel):
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(_Open):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    # vLLM's, in whole answers with prompt_logprobs (or echo with logprobs): null, then per prompt token its entry and
+    # the likeliest alternatives', by token id
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
 
 
 class CompletionResponse(_Open):
@@ -250,7 +259,7 @@ _MODELS: list[type[BaseModel]] = [
 _OPENAI_AS_SAMPLING = {
     name: name for name in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty",
                             "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids",
-                            "skip_special_tokens", "max_tokens")
+                            "skip_special_tokens", "max_tokens", "min_tokens")
 } | {"max_completion_tokens": "max_tokens"}
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
