@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from gunicorn_llm.engines.base import ChoiceUpdate, DeadlineExceeded, Engine, GenerationStream, TokenLogprob, wait_for
 from gunicorn_llm.engines.cpu_memory import cpu_kv_cache_bytes
-from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
+from gunicorn_llm.request_schema import RequestError, SamplingParams, StructuredOutputs
 from gunicorn_llm.settings import ServerSettings
 
 log = logging.getLogger("gunicorn.error")
@@ -128,7 +128,11 @@ class VLLMEngine(Engine):
     # -- the interface the layers above call (from many threads) ---------------------------------------------
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        submission = Submission(prompt_ids, self._sampling_params(params))
+        try:
+            sampling = self._sampling_params(params)
+        except ValueError as error:  # vLLM's own checks (greedy `n` > 1, for one): its server answers them with 400
+            raise RequestError(f"vLLM refuses these sampling parameters: {error}") from None
+        submission = Submission(prompt_ids, sampling)
         submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
         self._incoming.put(("add", submission))
         return submission.stream
