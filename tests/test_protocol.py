@@ -202,7 +202,8 @@ def conforming(route: Route, response) -> list[BaseModel | str]:
     return [data.decode()]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status"), EXCHANGES)
+@pytest.mark.parametrize(("method", "path", "body", "status"), EXCHANGES,
+                         ids=[f"{method} {path} {number}" for number, (method, path, _, _) in enumerate(EXCHANGES)])
 def test_real_answers_validate_against_the_response_models(client, method, path, body, status):
     response = client.open(path, method=method, json=body)
     assert response.status_code == status, response.get_data(as_text=True)

@@ -52,7 +52,9 @@ class GenerateRequest(SamplingParams):
         return value
 
     def sampling_params(self) -> SamplingParams:
-        """The request's sampling params: its own fields, validated already (as given: unset ones stay unset)."""
+        """The request's sampling params, equal (and hash-equal) to /infer's for the same fields, so they batch
+        together. Built from this model's fields, validated and converted already: validating them again would run
+        the conversions on their results."""
         names = self.model_fields_set & SamplingParams.model_fields.keys()
         return SamplingParams.model_construct(_fields_set=names, **{name: getattr(self, name) for name in names})
 
