@@ -1,11 +1,11 @@
-"""The OpenAPI document, and schemathesis against a live server with it.
+"""Schemathesis against a live server, through the OpenAPI document of the route table (gunicorn_llm/http/protocol.py).
 
-`/openapi.json` (gunicorn_llm/http/openapi_spec.py) must be a valid OpenAPI 3.1 document whose schemas all live in
-components/schemas and keep the models' numeric bounds. Then one real server (transformers engine, 1 CPU worker)
-is fuzzed through it: schemathesis generates valid and invalid requests for every operation (a bounded, derandomized
-number per operation, so CI is reproducible) and checks that no answer is a 5xx (nor a stream that ends in a server
-error), and that status codes, content types, headers and JSON bodies are the documented ones. Afterwards the worker
-that answered before must still be the one answering: nothing the fuzzer sent crashed it.
+The document itself (valid OpenAPI 3.1, every route of the app in it) is checked in-process by tests/test_protocol.py.
+Here one real server (transformers engine, 1 CPU worker) is fuzzed through it: schemathesis generates valid and
+invalid requests for every route of the table (a bounded, derandomized number per operation, so CI is reproducible)
+and checks that no answer is a 5xx (nor a stream that ends in a server error), and that status codes, content types,
+headers and JSON bodies are the documented ones. Afterwards every route of the table must have been fuzzed, and the
+worker that answered before must still be the one answering: nothing the fuzzer sent crashed it.
 
 Generation is kept small in the test (MAX_TOKENS_CAP below), never in the document. The counts (cases per operation,
 statuses, failures, the slowest calls) are printed into pytest's output and written to artifacts/fuzz-summary.txt,
@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import jsonschema_rs  # schemathesis' JSON Schema validator
 import psutil
 import pytest
 import requests
@@ -34,7 +33,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gunicorn_llm.http.openapi_spec import openapi_document, openapi_json
+from gunicorn_llm.http.openapi_spec import openapi_json
+from gunicorn_llm.http.protocol import ROUTES, ChatCompletionRequest, CompletionRequest, InferRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "artifacts" / "fuzz-summary.txt"
@@ -52,12 +52,7 @@ REQUEST_TIMEOUT_S = 120
 MAX_TOKENS_CAP = 4
 N_CAP = 2
 PROMPTS_CAP = 2
-
-ROUTES = {
-    ("POST", "/infer"), ("POST", "/vllm-url-infer"), ("POST", "/generate"), ("POST", "/v1/completions"),
-    ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"),
-    ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/workers"),
-}
+REQUEST_MODEL = {f"{route.method} {route.path}": route.request for route in ROUTES}  # by schemathesis' label
 
 CONFIG = schemathesis.Config.from_dict({
     "seed": 20240601,
@@ -76,83 +71,6 @@ statuses: dict[str, collections.Counter[int]] = collections.defaultdict(collecti
 failures: dict[str, set[str]] = collections.defaultdict(set)
 seconds: collections.Counter[str] = collections.Counter()  # time in calls, per operation
 slowest: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)  # the 2 slowest calls, per operation
-
-
-# -- the document ------------------------------------------------------------------------------------------------
-
-
-def _refs(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref":
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _refs(value)
-
-
-def test_openapi_document_is_valid_and_complete():
-    document = openapi_document()
-    assert document["openapi"].startswith("3.1")
-    schemathesis.openapi.from_dict(document).validate()  # against the OpenAPI 3.1 meta-schema
-    text = json.dumps(document)
-    assert "$defs" not in text and '"definitions"' not in text
-    for ref in set(_refs(document)):  # every reference resolves inside the document
-        assert ref.startswith("#/components/"), ref
-        node = document
-        for part in ref[2:].split("/"):
-            assert part in node, f"{ref} does not resolve"
-            node = node[part]
-    for schema in document["components"]["schemas"].values():
-        jsonschema_rs.meta.validate(schema)  # each is a valid JSON Schema (2020-12, OpenAPI 3.1's dialect)
-    operations = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
-    assert ROUTES <= operations
-    for (method, path) in ROUTES:
-        responses = document["paths"][path][method.lower()]["responses"]
-        assert "200" in responses, (method, path)
-        if method == "POST":
-            assert {"400", "413", "503"} <= set(responses), (method, path)
-    error = document["components"]["schemas"]["ErrorDetail"]
-    assert set(error["required"]) == {"message", "type", "param", "code"}
-    # The models' bounds are kept (the fuzzer explores their edges), also where the OpenAI fields meet them.
-    schemas = document["components"]["schemas"]
-    temperature = schemas["SamplingParams"]["properties"]["temperature"]
-    assert (temperature["minimum"], temperature["maximum"]) == (0, 100)
-    assert schemas["SamplingParams"]["properties"]["top_p"]["exclusiveMinimum"] == 0
-    chat_n = schemas["ChatCompletionRequest"]["properties"]["n"]["anyOf"][0]
-    assert (chat_n["minimum"], chat_n["maximum"]) == (1, 64)
-    assert schemas["CompletionRequest"]["properties"]["logprobs"]["anyOf"][0]["maximum"] == 20
-
-
-def test_openapi_document_accepts_the_documented_requests():
-    """The request bodies README.md and docs/api.md show are valid against the document; out-of-range ones are not."""
-    schemas = openapi_document()["components"]["schemas"]
-    registry = {"components": {"schemas": schemas}}
-
-    def valid(name: str, body) -> bool:
-        validator = jsonschema_rs.Draft202012Validator({**registry, "$ref": f"#/components/schemas/{name}"})
-        return validator.is_valid(body)
-
-    assert valid("InferRequest", {"instances": ["The capital of France is"],
-                                  "params": {"temperature": 0, "max_tokens": 16, "best_of": 2}})
-    assert valid("InferRequest", {"instances": ["a"], "params": {"stop": "\n"}})
-    assert not valid("InferRequest", {"instances": ["a"], "params": {"top_p": 1.5}})
-    assert not valid("InferRequest", {"instances": []})
-    assert valid("GenerateRequest", {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 10})
-    assert not valid("GenerateRequest", {"prompt": "x", "n": 2})
-    assert valid("CompletionRequest", {"prompt": [[1, 2], [3]], "max_tokens": 5, "stream": True})
-    assert not valid("CompletionRequest", {"prompt": "x", "temperature": -1})
-    assert valid("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
-    assert not valid("ChatCompletionRequest", {"messages": []})
-    chat = [{"role": "user", "content": "hi"}]
-    assert valid("TokenizeRequest", {"prompt": "hi", "add_special_tokens": False})
-    assert valid("TokenizeRequest", {"messages": chat, "add_generation_prompt": False, "continue_final_message": True})
-    assert not valid("TokenizeRequest", {"messages": chat, "continue_final_message": True})  # the generation prompt
-    assert not valid("TokenizeRequest", {"prompt": "hi", "messages": "hi"})  # with messages it is a conversation
-    assert not valid("TokenizeRequest", {})
-    assert valid("DetokenizeRequest", {"tokens": [1, 2]}) and not valid("DetokenizeRequest", {"tokens": [-1]})
 
 
 # -- the live server ---------------------------------------------------------------------------------------------
@@ -224,13 +142,14 @@ def _bound_generation(case, context: int) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    if case.path in ("/infer", "/vllm-url-infer"):
+    request_model = REQUEST_MODEL[case.operation.label]
+    if request_model is InferRequest:
         _first_prompts(body, "instances")
         target = body.get("params")
     else:
         target = body
     prompt = body.get("prompt")
-    if case.path == "/v1/completions" and isinstance(prompt, list) and prompt and not _is_int(prompt[0]):
+    if request_model is CompletionRequest and isinstance(prompt, list) and prompt and not _is_int(prompt[0]):
         _first_prompts(body, "prompt")  # several prompts (one list of token ids is one prompt)
     if not isinstance(target, dict):
         return
@@ -238,7 +157,7 @@ def _bound_generation(case, context: int) -> None:
         if _is_int(target.get(key)) and MAX_TOKENS_CAP < target[key] <= context:
             target[key] = MAX_TOKENS_CAP
     # Absent is the default; on the OpenAI routes null is too (in SamplingParams null is an invalid value).
-    nullable = case.path.startswith("/v1/")
+    nullable = request_model in (CompletionRequest, ChatCompletionRequest)
     if all(key not in target or (nullable and target[key] is None) for key in ("max_tokens", "max_completion_tokens")):
         target["max_tokens"] = MAX_TOKENS_CAP
     if _is_int(target.get("n")) and N_CAP < target["n"] <= 64:
@@ -300,7 +219,7 @@ def test_the_worker_survived_the_fuzzing(server, capsys):
     assert response is not None and response.status_code == 200, after
     assert int(response.headers["X-Worker-Pid"]) == server.fuzz_pid, server.log()[-3000:]
     assert server.worker_pids() == {server.fuzz_pid}
-    assert cases_run, "no case ran"
+    assert set(cases_run) == set(REQUEST_MODEL), "every route of the table is fuzzed"
     log = server.log()
     assert "Traceback" not in log, log[max(0, log.index("Traceback") - 300):][:5000]
 

@@ -2,8 +2,9 @@
 
 `/vllm-url-infer` is `/infer` under the URL the toolkit's scripts use for a vLLM server: one contract, both engines.
 `/infer` takes `{"instances": [...], "params": {...}}` and answers a bare JSON list, or with `"stream": true` one
-JSON line per text delta. `/generate` takes `{"prompt", "temperature", "top_p", "max_tokens", ...}` and answers
-the generated text, streamed as it is produced with `?streaming=true` or `"stream": true`.
+JSON line per text delta. `/generate` takes `{"prompt", "temperature", "top_p", "max_tokens", ...}`, validated as
+protocol.GenerateRequest, and answers the generated text, streamed as it is produced with `?streaming=true` or
+`"stream": true`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
-from pydantic import ValidationError
 
 from gunicorn_llm.engines.base import ClientGone
 from gunicorn_llm.engines.generation import TextGeneration
@@ -24,12 +24,14 @@ from gunicorn_llm.http.common import (
     deadline,
     encode_prompt,
     error_body,
+    parse_body,
     read_json_body,
     start_generation,
     warn_ignored_keys,
 )
 from gunicorn_llm.http.guards import admit
-from gunicorn_llm.request_schema import RequestError, SamplingParams, as_request_error, parse_infer_request
+from gunicorn_llm.http.protocol import STREAMING_QUERY_VALUES, GenerateRequest
+from gunicorn_llm.request_schema import parse_infer_request
 
 log = logging.getLogger("gunicorn.error")
 
@@ -79,29 +81,13 @@ def _infer_lines(generations: list[TextGeneration]):
 
 @native.post("/generate")
 def generate():
-    body = read_json_body()
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object with 'prompt'")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError("prompt: a non-empty string is required", "prompt")
-    if not isinstance(body.get("stream", False), bool):
-        raise RequestError("stream: a boolean is expected", "stream")
-    stream = body.get("stream", False) or request.args.get("streaming", "").lower() in ("1", "true", "yes")
-    fields = {key: value for key, value in body.items() if key not in ("prompt", "stream")}
-    warn_ignored_keys("/generate", sorted(set(fields) - set(SamplingParams.model_fields)))
-    try:
-        params = SamplingParams.model_validate(
-            {key: value for key, value in fields.items() if key in SamplingParams.model_fields}
-        )
-    except ValidationError as error:
-        raise as_request_error(error) from None
-    if params.n != 1 or params.scores_prompt:
-        raise RequestError("/generate answers one text: use /infer or /v1/completions for n or prompt_logprobs")
+    generate_request = parse_body(GenerateRequest, read_json_body(), "/generate")
+    stream = generate_request.stream or request.args.get("streaming", "").lower() in STREAMING_QUERY_VALUES
+    params = generate_request.sampling_params()
     engine = current_engine()
     check_structured_outputs(engine, params)
     check_token_controls(engine, params)
-    prompt_ids = encode_prompt(engine, prompt, params)
+    prompt_ids = encode_prompt(engine, generate_request.prompt, params)
     admit()
     generation = start_generation(engine, prompt_ids, params)
     if stream:
