@@ -264,9 +264,11 @@ class VLLMEngine(Engine):
             _fail(submission, error)
 
 
-def engine_args(model_path: str, model_name: str, settings: ServerSettings, on_gpu: bool, shared: bool = False):
+def engine_args(model_path: str, model_name: str, settings: ServerSettings, on_gpu: bool, shared: bool = False,
+                frontend: bool = False):
     """vLLM's EngineArgs for this server's settings: a worker's own engine, or (`shared`) a slice's shared core and
-    the front ends that attach to it, which must build the same configuration."""
+    the front ends that attach to it, which build the same configuration but hold no cache (`frontend`: its size is
+    not measured, from memory the core already took)."""
     from vllm import EngineArgs
 
     return EngineArgs(
@@ -284,7 +286,7 @@ def engine_args(model_path: str, model_name: str, settings: ServerSettings, on_g
         # vLLM builds a request's output once per interval, not per token: its streams hold nothing back.
         stream_interval=settings.stream_interval,
         # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
-        **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
+        **({} if on_gpu or frontend else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
     )
 
 

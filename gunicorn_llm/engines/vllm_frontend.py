@@ -11,14 +11,16 @@ Requests go through the same interface as the worker's own engine (vllm_engine.p
 "abort" to one asyncio loop thread, which runs vLLM's client and publishes each request's outputs to its stream.
 
 Faults: a watcher sees the core go (its process gone, or the supervisor launched another) and the worker dies, so
-gunicorn replaces it and the replacement attaches to the new core. A worker that attaches where an earlier one died
-aborts what the dead one left running in the core: it reads the dead client's outputs (vLLM queues them for the
-client address until someone listens), which name its running requests, and aborts those through its own client.
+gunicorn replaces it and the replacement attaches to the new core. The first live front end of the core to see that a
+sibling died (each looks twice a second; a replacement looks as it attaches) aborts what the dead one left running in
+the core: it reads the dead client's outputs (vLLM queues them for the client address until someone listens), which
+name its running requests, and aborts those through its own client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -46,7 +48,7 @@ class SharedCoreVLLMEngine(VLLMEngine):
         self.frontends = settings.workers_per_gpu
         self.slice_index = int(os.environ["GPU_SLICE_INDEX"])
         self.core, self.client_index, orphans = self._claim()
-        config = engine_args(model_path, model_name, settings, on_gpu, shared=True).create_engine_config(
+        config = engine_args(model_path, model_name, settings, on_gpu, shared=True, frontend=True).create_engine_config(
             usage_context=UsageContext.OPENAI_API_SERVER)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="vllm-frontend", daemon=True).start()
@@ -96,6 +98,8 @@ class SharedCoreVLLMEngine(VLLMEngine):
 
         self._loop.call_soon_threadsafe(shut)
         done.wait(10.0)
+        with contextlib.suppress(OSError):  # the server's engine directory may be gone with its master
+            slice_engines.settle(self.core, self.client_index)
 
     # -- requests, on the loop thread ------------------------------------------------------------------------
 
@@ -139,11 +143,14 @@ class SharedCoreVLLMEngine(VLLMEngine):
     # -- faults ----------------------------------------------------------------------------------------------
 
     def _watch_core(self) -> None:
-        """Die when the core this worker attached to is gone: the replacement attaches to the supervisor's next."""
+        """Die when the core this worker attached to is gone: the replacement attaches to the supervisor's next.
+        Meanwhile, abort what a sibling front end that died left running in the core."""
         while not self.stopping:
             time.sleep(WATCH_INTERVAL_S)
             state = slice_engines.read(self.slice_index)
             if state is not None and state.generation == self.core.generation and self.core.engine_alive():
+                if orphans := slice_engines.take_orphans(self.core, os.getpid()):
+                    asyncio.run_coroutine_threadsafe(self._abort_orphans(orphans), self._loop)
                 continue
             if self.stopping:
                 return
@@ -188,5 +195,6 @@ class SharedCoreVLLMEngine(VLLMEngine):
             for socket in sockets:
                 socket.close(linger=0)
             context.term()
-        log.info("worker %s: aborted %d requests that dead front ends %s of slice %d left running", os.getpid(),
-                 len(aborted), indices, self.slice_index)
+        if aborted:
+            log.info("worker %s: aborted %d requests that dead front ends %s of slice %d left running", os.getpid(),
+                     len(aborted), indices, self.slice_index)

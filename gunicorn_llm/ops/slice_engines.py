@@ -27,6 +27,7 @@ renamed; pair claims under a file lock) and the master's side (start and stop th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -122,17 +123,42 @@ def wait_until_ready(slice_index: int, timeout_s: float, newer_than: int = -1) -
 def claim_client_index(state: EngineState, pid: int) -> tuple[int | None, list[int]]:
     """Claim an unused client index of the slice's engine core for `pid`: (the index or None when every one is
     claimed, the indices whose claimants died and whose requests nobody has aborted yet, now this pid's to abort)."""
-    path = engine_dir() / f"claims-s{state.slice_index}g{state.generation}.json"
-    with FileLock(str(path) + ".lock"):
-        claims = json.loads(path.read_text()) if path.exists() else {}
-        orphans = [int(n) for n, claim in claims.items() if not claim.get("settled") and not _runs(claim["pid"])]
-        for n in orphans:
-            claims[str(n)]["settled"] = pid
+    with _claims(state) as claims:
+        orphans = _take_orphans(claims, pid)
         free = next((n for n in range(state.client_count) if str(n) not in claims), None)
         if free is not None:
             claims[str(free)] = {"pid": pid}
-        path.write_text(json.dumps(claims))
     return free, orphans
+
+
+def take_orphans(state: EngineState, pid: int) -> list[int]:
+    """The client indices whose claimants died since anyone looked, now `pid`'s to abort the requests of (a live
+    sibling front end looks every second, so a dead one's requests are aborted at once, not when it is replaced)."""
+    with _claims(state) as claims:
+        return _take_orphans(claims, pid)
+
+
+def settle(state: EngineState, index: int) -> None:
+    """A front end that stops gracefully has nothing left running: nobody needs to abort its requests."""
+    with _claims(state) as claims:
+        claims[str(index)]["settled"] = os.getpid()
+
+
+def _take_orphans(claims: dict, pid: int) -> list[int]:
+    orphans = [int(n) for n, claim in claims.items() if not claim.get("settled") and not _runs(claim["pid"])]
+    for n in orphans:
+        claims[str(n)]["settled"] = pid
+    return orphans
+
+
+@contextlib.contextmanager
+def _claims(state: EngineState):
+    """The claims on the core's client indices (index -> claimant), read and written back under the file lock."""
+    path = engine_dir() / f"claims-s{state.slice_index}g{state.generation}.json"
+    with FileLock(str(path) + ".lock"):
+        claims = json.loads(path.read_text()) if path.exists() else {}
+        yield claims
+        path.write_text(json.dumps(claims))
 
 
 def ask_for_new_core(state: EngineState) -> None:
