@@ -43,6 +43,8 @@ from pathlib import Path
 import psutil
 from filelock import FileLock
 
+from gunicorn_llm.ops.engine_processes import end_worker_group
+
 log = logging.getLogger("gunicorn.error")
 
 ENGINE_DIR_ENV = "GUNICORN_LLM_ENGINE_DIR"
@@ -207,13 +209,11 @@ def stop_supervisors(supervisors: list[subprocess.Popen], timeout_s: float = SUP
         try:
             supervisor.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.error("engine core supervisor %d did not stop within %.0f s; killing its group", supervisor.pid,
-                      timeout_s)
-            try:
-                os.killpg(supervisor.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            log.error("engine core supervisor %d did not stop within %.0f s", supervisor.pid, timeout_s)
         except ChildProcessError:  # gunicorn's master reaps every child: already reaped is gone
             pass
+        # Whatever is left of its group (a supervisor killed before it could stop its core): killed, waited for.
+        if leftovers := end_worker_group(supervisor.pid):
+            log.warning("engine core supervisor %d left processes %s; they were killed", supervisor.pid, leftovers)
     if supervisors:
         shutil.rmtree(engine_dir(), ignore_errors=True)
