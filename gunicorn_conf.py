@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 
-from gunicorn_llm.ops import systemd_notify
+from gunicorn_llm.ops import slice_engines, systemd_notify
 from gunicorn_llm.ops.dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
 from gunicorn_llm.ops.engine_processes import end_own_group, end_worker_group, lead_own_group
 from gunicorn_llm.settings import load_settings
@@ -77,6 +77,14 @@ def on_starting(server):
         server.log.warning("no GPU found (NVML absent or no devices): serving on CPU with %d workers", workers)
 
 
+def when_ready(server):
+    # Before the first fork: one vLLM engine core per slice, launched by a supervisor of its own, which the slice's
+    # workers attach to as front ends (gunicorn_llm/ops/slice_engines.py). Kept on the arbiter: a HUP re-reads this
+    # file, and the supervisors (and their loaded models) outlive it.
+    if settings.shares_vllm_engine_core:
+        server.slice_supervisors = slice_engines.start_supervisors(dispatcher.slices)
+
+
 def post_fork(server, worker):
     lead_own_group()
     try:
@@ -116,5 +124,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    # The workers have drained and exited: their engine cores can stop now.
+    slice_engines.stop_supervisors(getattr(server, "slice_supervisors", []))
     if os.environ.get("GUNICORN_LLM_OWNS_METRICS_DIR"):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

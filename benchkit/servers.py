@@ -70,10 +70,18 @@ class ServerProcess:
             raise self._not_ready(f"not {what} in time")
 
     def worker_pids(self) -> set[int]:
-        """This server's workers: the children of its gunicorn master (the launcher execs gunicorn)."""
+        """This server's workers: the children of its gunicorn master (the launcher execs gunicorn), but for the
+        slices' vLLM engine core supervisors (gunicorn_llm/engines/vllm_core_supervisor.py), which it starts too."""
         import psutil
 
-        return {child.pid for child in psutil.Process(self.process.pid).children()}
+        workers = set()
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if "vllm_core_supervisor" not in " ".join(child.cmdline()):
+                    workers.add(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return workers
 
     def wait_loaded(self, workers: int | None, timeout_s: float) -> None:
         """Until every worker has loaded its model, by this server's /workers (`workers`: how many; None: the count

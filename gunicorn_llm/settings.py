@@ -61,8 +61,11 @@ class ServerSettings(BaseSettings):
         doc="GPUs per model instance; must divide the number of GPUs", ge=1,
     )
     workers_per_gpu: int = _setting(
-        1, "WORKERS_PER_GPU", ("--workers-per-gpu", "--workers_per_gpu"), "model instances sharing one GPU slice",
-        ge=1, le=64,
+        1, "WORKERS_PER_GPU", ("--workers-per-gpu", "--workers_per_gpu"),
+        "workers per slice; vLLM: front ends sharing one engine core, transformers: model instances",
+        doc="workers per slice (GPU slice, or CPU worker's share). vLLM engine: the slice runs one engine core and "
+        "these workers are its front ends, each with its own Python, all feeding its one continuous batch "
+        "(`docs/architecture.md`); transformers engine: each worker loads its own model instance", ge=1, le=64,
     )
     cpu_workers: int = _setting(
         1, "CPU_WORKERS", "--cpu-workers", "workers when there is no GPU",
@@ -99,7 +102,8 @@ class ServerSettings(BaseSettings):
         0.9, "GPU_MEMORY_UTILIZATION", "--gpu-memory-utilization",
         "share of each GPU's memory for vLLM or the transformers engine's slots",
         doc="share of each GPU's memory for vLLM, or for the transformers engine's slots (weights, cache and 1 GiB "
-        "for activations), divided between `--workers-per-gpu` instances", gt=0.0, le=1.0,
+        "for activations), divided between `--workers-per-gpu` transformers instances (a slice's shared vLLM "
+        "engine core takes it whole)", gt=0.0, le=1.0,
     )
     enforce_eager: bool | None = _setting(
         None, "ENFORCE_EAGER", "--enforce-eager",
@@ -245,6 +249,11 @@ class ServerSettings(BaseSettings):
         if self.vllm_engine_core != "auto":
             return self.vllm_engine_core
         return "process" if on_gpu else "worker"
+
+    @property
+    def shares_vllm_engine_core(self) -> bool:
+        """Each slice's workers are front ends of one vLLM engine core (ops/slice_engines.py)."""
+        return self.infer_type == "vllm" and self.workers_per_gpu > 1
 
     def api_keys(self) -> tuple[str, ...]:
         """Every accepted key: --api-key and the lines of --api-key-file (none: no authentication)."""

@@ -160,6 +160,8 @@ def check_monitor_page(server, browser) -> None:
     assert canvas_image(browser, "chart-tokens") != tokens_chart_idle, "the tokens chart was not redrawn"
     # The tiles show numbers, not dashes.
     assert browser.execute_script("return document.querySelector('[data-latest=workersReady]').textContent") == "1"
+    # The worker has its own engine: no shared vLLM engine core (ops/slice_engines.py)
+    assert browser.execute_script("return document.querySelector('[data-latest=sharedCores]').textContent") == "none"
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))

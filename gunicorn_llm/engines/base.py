@@ -175,6 +175,8 @@ class Engine(ABC):
     failure: BaseException | None = None
     #: set when the worker exits: its engine's processes are being ended, which is no failure
     stopping = False
+    #: the engine core this worker's engine shares with other workers (its pid), or None: its own engine
+    engine_core_id: str | None = None
     #: FAULT_INJECT_AFTER_STEPS: fail the engine at this generation step (fault tests only)
     _fail_at_step: int | None = None
     _steps = 0

@@ -68,33 +68,23 @@ class VLLMEngine(Engine):
         if own_process:
             # The worker has threads (a forked child would inherit their locks) and may have touched CUDA.
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from transformers import AutoTokenizer
-        from vllm import EngineArgs, LLMEngine
+        from vllm import LLMEngine
         from vllm.usage.usage_lib import UsageContext
 
         self.model_name = model_name
         self.engine = LLMEngine.from_engine_args(
-            EngineArgs(
-                model=model_path,
-                served_model_name=model_name,
-                tensor_parallel_size=settings.per_proc_gpus if on_gpu else 1,
-                max_model_len=settings.max_model_len,
-                dtype=settings.weights_dtype(on_gpu),
-                quantization=settings.quantization,
-                # Instances sharing a slice (--workers-per-gpu) split the GPU memory between them.
-                gpu_memory_utilization=settings.gpu_memory_utilization / settings.workers_per_gpu,
-                enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not on_gpu,
-                trust_remote_code=settings.trust_remote_code,
-                seed=0,
-                # vLLM builds a request's output once per interval, not per token: its streams hold nothing back.
-                stream_interval=settings.stream_interval,
-                # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
-                **({} if on_gpu else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
-            ),
+            engine_args(model_path, model_name, settings, on_gpu),
             # vLLM's server's defaults (sequences and tokens per step for this device), not the offline ones.
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_multiprocessing=own_process,
         )
+        self._set_up(model_path, settings)
+        threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
+
+    def _set_up(self, model_path: str, settings: ServerSettings) -> None:
+        """What the worker keeps beside vLLM's engine client: tokenizer, end tokens, the requests it runs."""
+        from transformers import AutoTokenizer
+
         # The text path's own tokenizer. vLLM's (`engine.get_tokenizer()`) routes each call through a pool that
         # deep-copies the whole tokenizer whenever more threads use it at once than it holds copies (2): under a
         # worker's hundreds of request threads, each copy held the GIL for about 0.1 s (docs/benchmarks.md).
@@ -107,7 +97,6 @@ class VLLMEngine(Engine):
         self._incoming: queue.Queue = queue.Queue()
         self._running: dict[str, Submission] = {}
         self._constraint_problem = functools.lru_cache(maxsize=CACHED_CONSTRAINT_CHECKS)(self._find_constraint_problem)
-        threading.Thread(target=self._drive, name="vllm-engine", daemon=True).start()
 
     def running(self) -> int:
         return sum(submission.sampling.n for submission in list(self._running.values()))
@@ -133,8 +122,8 @@ class VLLMEngine(Engine):
         except ValueError as error:  # vLLM's own checks (greedy `n` > 1, for one): its server answers them with 400
             raise RequestError(f"vLLM refuses these sampling parameters: {error}") from None
         submission = Submission(prompt_ids, sampling)
-        submission.stream = GenerationStream(params.n, abort=lambda: self._incoming.put(("abort", submission)))
-        self._incoming.put(("add", submission))
+        submission.stream = GenerationStream(params.n, abort=lambda: self._command("abort", submission))
+        self._command("add", submission)
         return submission.stream
 
     def check_structured_outputs(self, constraint: StructuredOutputs) -> None:
@@ -168,12 +157,12 @@ class VLLMEngine(Engine):
         )
         submissions = [Submission(ids, sampling, result=Future()) for ids in prompts]
         for submission in submissions:
-            self._incoming.put(("add", submission))
+            self._command("add", submission)
         try:
             outputs = [wait_for(submission.result, deadline) for submission in submissions]
         except DeadlineExceeded:
             for submission in submissions:
-                self._incoming.put(("abort", submission))
+                self._command("abort", submission)
             raise
         return [
             [_token_logprob(token, entry, top)
@@ -209,6 +198,10 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
 
+    def _command(self, command: str, submission: Submission) -> None:
+        """Hand "add" or "abort" of a submission to the thread that drives the engine."""
+        self._incoming.put((command, submission))
+
     # -- the engine thread -----------------------------------------------------------------------------------
 
     def _drive(self) -> None:
@@ -232,8 +225,12 @@ class VLLMEngine(Engine):
         submission = self._running.get(output.request_id)
         if submission is None:
             return
+        self._publish(submission, output)
+
+    def _publish(self, submission: Submission, output) -> None:
+        """One vLLM RequestOutput of a running submission to its stream (or, finished, to its result)."""
         if output.finished:
-            del self._running[output.request_id]
+            self._running.pop(submission.request_id, None)
         if submission.result is not None:
             if output.finished:
                 submission.result.set_result(output)
@@ -274,6 +271,32 @@ class VLLMEngine(Engine):
         self.engine.abort_request(list(running))
         for submission in running.values():
             _fail(submission, error)
+
+
+def engine_args(model_path: str, model_name: str, settings: ServerSettings, on_gpu: bool, shared: bool = False,
+                frontend: bool = False):
+    """vLLM's EngineArgs for this server's settings: a worker's own engine, or (`shared`) a slice's shared core and
+    the front ends that attach to it, which build the same configuration but hold no cache (`frontend`: its size is
+    not measured, from memory the core already took)."""
+    from vllm import EngineArgs
+
+    return EngineArgs(
+        model=model_path,
+        served_model_name=model_name,
+        tensor_parallel_size=settings.per_proc_gpus if on_gpu else 1,
+        max_model_len=settings.max_model_len,
+        dtype=settings.weights_dtype(on_gpu),
+        quantization=settings.quantization,
+        # Instances sharing a slice (--workers-per-gpu, each its own engine) split the GPU memory between them.
+        gpu_memory_utilization=settings.gpu_memory_utilization / (1 if shared else settings.workers_per_gpu),
+        enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not on_gpu,
+        trust_remote_code=settings.trust_remote_code,
+        seed=0,
+        # vLLM builds a request's output once per interval, not per token: its streams hold nothing back.
+        stream_interval=settings.stream_interval,
+        # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
+        **({} if on_gpu or frontend else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
+    )
 
 
 def _fail(submission: Submission, error: BaseException) -> None:

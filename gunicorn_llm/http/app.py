@@ -63,7 +63,7 @@ class EngineSlot:
         gc.collect()
         gc.freeze()
         log.info("worker %s: model loaded on slice %s", os.getpid(), pinned_slice_label())
-        metrics.worker_loaded(pinned_slice_label())
+        metrics.worker_loaded(pinned_slice_label(), self.engine.engine_core_id)
         self._ready.set()
         systemd_notify.worker_loaded()  # systemd: READY=1 once every worker is loaded
 
@@ -148,6 +148,9 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     def name_the_worker(response: Response) -> Response:
         response.headers["X-Worker-Pid"] = str(os.getpid())
         response.headers["X-GPU-Slice"] = pinned_slice_label()
+        engine = slot.engine
+        if engine is not None and engine.engine_core_id is not None:
+            response.headers["X-Engine-Core"] = engine.engine_core_id  # shared with the slice's other workers
         stats = g.get("request_stats")
         if stats is not None:
             response.headers["X-Request-Id"] = stats.request_id

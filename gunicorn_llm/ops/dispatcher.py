@@ -321,6 +321,7 @@ def pin_slice(slice_: Slice) -> None:
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's indices then agree with NVML's and nvidia-smi's
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(device.pin for device in slice_.devices)
     os.environ["GPU_SLICE"] = slice_.label
+    os.environ["GPU_SLICE_INDEX"] = str(slice_.index)
     if slice_.cpu_threads:
         # CPU workers share the machine's cores: without this, each engine would start a thread per core.
         os.environ["OMP_NUM_THREADS"] = str(slice_.cpu_threads)

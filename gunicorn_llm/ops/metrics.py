@@ -58,6 +58,10 @@ WAITING = Gauge("llm_requests_waiting", "Requests not yet given a token", ["work
 WORKER_READY = Gauge(
     "llm_worker_ready", "1 once the worker's model is loaded", ["worker", "slice"], multiprocess_mode="livesum"
 )
+WORKER_ENGINE_CORE = Gauge(
+    "llm_worker_engine_core", "1 for the vLLM engine core (its pid) a front-end worker shares with its slice's others",
+    ["worker", "engine_core"], multiprocess_mode="livesum",
+)
 GPU_UTILIZATION = Gauge(
     "llm_gpu_utilization_ratio", "GPU busy share over NVML's last sample period", ["worker", "gpu"],
     multiprocess_mode="livesum",
@@ -80,17 +84,22 @@ def worker_states() -> list[dict]:
     files."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    workers, answered = [], {}
+    workers, answered, cores = [], {}, {}
     for family in registry.collect():
         if family.name == "llm_worker_ready":
             for sample in family.samples:
                 workers.append({"pid": int(sample.labels["worker"]), "slice": sample.labels["slice"],
                                 "ready": sample.value == 1})
+        elif family.name == "llm_worker_engine_core":
+            cores.update({sample.labels["worker"]: sample.labels["engine_core"] for sample in family.samples
+                          if sample.value == 1})
         elif family.name == "llm_worker_generation_requests":
             answered.update({sample.labels["worker"]: int(sample.value) for sample in family.samples
                              if sample.name.endswith("_total")})
     for worker in workers:
         worker["generation_requests"] = answered.get(str(worker["pid"]), 0)
+        if str(worker["pid"]) in cores:  # a front end of a shared engine core: which one
+            worker["engine_core"] = int(cores[str(worker["pid"])])
     return sorted(workers, key=lambda worker: worker["pid"])
 
 
@@ -99,9 +108,11 @@ def mark_worker_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
-def worker_loaded(slice_label: str) -> None:
+def worker_loaded(slice_label: str, engine_core: str | None = None) -> None:
     worker = str(os.getpid())
     WORKER_READY.labels(worker, slice_label).set(1)
+    if engine_core is not None:
+        WORKER_ENGINE_CORE.labels(worker, engine_core).set(1)
     RUNNING.labels(worker).set(0)
     WAITING.labels(worker).set(0)
 

@@ -109,6 +109,20 @@
     return total;
   }
 
+  /** Workers per shared vLLM engine core, as "K workers on N cores" (none: every worker has its own engine). */
+  function sharedCores(samples) {
+    var workersOf = {};
+    for (var i = 0; i < samples.length; i++) {
+      var s = samples[i];
+      if (s.name !== "llm_worker_engine_core" || s.value !== 1) continue;
+      workersOf[s.labels.engine_core] = (workersOf[s.labels.engine_core] || 0) + 1;
+    }
+    var cores = Object.keys(workersOf);
+    if (cores.length === 0) return "none";
+    var workers = cores.reduce(function (total, core) { return total + workersOf[core]; }, 0);
+    return workers + " workers on " + cores.length + (cores.length === 1 ? " core" : " cores");
+  }
+
   function countedRoute(labels) {
     return !EXCLUDED_ROUTES[labels.route];
   }
@@ -161,7 +175,8 @@
     var point = {
       running: sum(samples, "llm_requests_running"),
       waiting: sum(samples, "llm_requests_waiting"),
-      workersReady: sum(samples, "llm_worker_ready")
+      workersReady: sum(samples, "llm_worker_ready"),
+      sharedCores: sharedCores(samples)
     };
     var last = previous;
     previous = { at: at, totals: totals };
@@ -237,13 +252,16 @@
   function formatCount(v) {
     return v === null || v === undefined ? "\u2013" : String(Math.round(v));
   }
+  function formatText(v) {
+    return v || "\u2013";
+  }
   function gib(bytes) {
     return bytes === null || bytes === undefined ? null : bytes / Math.pow(1024, 3);
   }
   var FORMATS = {
     promptTokensPerS: formatRate, generatedTokensPerS: formatRate, requestsPerS: formatRate,
     timeToFirstTokenS: formatSeconds, requestDurationS: formatSeconds,
-    running: formatCount, waiting: formatCount, workersReady: formatCount
+    running: formatCount, waiting: formatCount, workersReady: formatCount, sharedCores: formatText
   };
 
   function showNumbers() {
