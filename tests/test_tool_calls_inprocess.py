@@ -138,6 +138,8 @@ def parsing_clients(tokenizer):
     """Servers with the shipped template and the pythonic tool-call parser answering a pythonic call and text, and
     one with the qwen3 reasoning parser answering text with its reasoning in think tags."""
     answers = {"call": ('[get_weather(city="Paris"), get_time()]', TOOL_PARSER),
+               "reasoned call": ('<think>Weather.</think>[get_weather(city="Paris")]',
+                                 {**TOOL_PARSER, **REASONING_PARSER}),
                "text": ("It is sunny in Paris.", TOOL_PARSER),
                "reasoning": ("<think>Paris is in France.</think>It is sunny.", REASONING_PARSER)}
     return {name: scripted_client(AutoTokenizer.from_pretrained(tokenizer.name_or_path), [text], finish="stop",
@@ -159,6 +161,17 @@ def test_auto_parses_the_models_calls_with_the_tool_call_parser(parsing_clients)
     assert len(reassembled_calls(streamed(client, tools=[WEATHER, TIME], parallel_tool_calls=False))) == 1
 
 
+def test_the_reasoning_and_tool_call_parsers_read_one_answer_together(parsing_clients):
+    client = parsing_clients["reasoned call"]
+    choice = chat(client, tools=[WEATHER])
+    assert choice["message"]["reasoning_content"] == "Weather." and choice["finish_reason"] == "tool_calls"
+    assert [(call["name"], call["arguments"]) for call in whole_calls(choice)] == [("get_weather", '{"city": "Paris"}')]
+    choices = streamed(client, tools=[WEATHER])
+    assert "".join(choice["delta"].get("reasoning_content") or "" for choice in choices) == "Weather."
+    assert [(call["name"], call["arguments"]) for call in reassembled_calls(choices)] == [
+        ("get_weather", '{"city": "Paris"}')]
+
+
 def test_auto_and_none_answer_text_as_content(parsing_clients):
     for tool_choice in ("auto", "none"):
         choice = chat(parsing_clients["text"], tools=[WEATHER], tool_choice=tool_choice)
@@ -178,6 +191,9 @@ def test_the_reasoning_parser_splits_reasoning_from_content(parsing_clients):
     assert "".join(choice["delta"].get("content") or "" for choice in choices) == "It is sunny."
     hidden = chat(client, include_reasoning=False)["message"]
     assert "reasoning_content" not in hidden and hidden["content"] == "It is sunny."
+    # the template's switch reaches the parser, as in vLLM: no thinking, no reasoning read
+    unread = chat(client, chat_template_kwargs={"enable_thinking": False})["message"]
+    assert "reasoning_content" not in unread and unread["content"] == "<think>Paris is in France.</think>It is sunny."
 
 
 def test_a_tool_result_turn_renders_through_the_template(parsing_clients, tokenizer):

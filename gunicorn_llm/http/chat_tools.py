@@ -198,18 +198,22 @@ class ChatOutput:
     """How one request's answers become messages. `message()` reads a whole answer; `stream()` gives a choice's
     reader of streamed deltas."""
 
-    def __init__(self, tool_use: ToolUse, prompt_ids: list[int], tokenizer, include_reasoning: bool):
+    def __init__(self, tool_use: ToolUse, prompt_ids: list[int], tokenizer, include_reasoning: bool,
+                 chat_template_kwargs: dict[str, Any] | None):
         self.tool_use = tool_use
         self.prompt_ids = prompt_ids
         self.tokenizer = tokenizer
         self.include_reasoning = include_reasoning
+        # as vLLM's server does: a parser may follow the template's switches (enable_thinking false: no reasoning)
+        self.chat_template_kwargs = chat_template_kwargs or {}
         parser_cls = current_app.extensions.get(OUTPUT_PARSER_KEY)
         # a forced call is JSON from its first token: no reasoning, nothing for a parser to find
         self.parser_cls = None if tool_use.forced else parser_cls
         self.vllm_request = _vllm_request(tool_use, include_reasoning) if self.parser_cls is not None else None
 
     def _parser(self):
-        return self.parser_cls(self.tokenizer, self.vllm_request.tools)  # stateful: one per choice, as in vLLM
+        # stateful: one per choice, as in vLLM
+        return self.parser_cls(self.tokenizer, self.vllm_request.tools, chat_template_kwargs=self.chat_template_kwargs)
 
     def message(self, text: str, token_ids: list[int], finish_reason: str | None) -> tuple[dict, str | None]:
         """The assistant message of a whole answer, and its finish reason."""

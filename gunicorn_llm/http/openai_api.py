@@ -424,7 +424,8 @@ def chat_completions():
                               limit if limit is not None else max(1, engine.max_model_len - len(prompt)), logprobs,
                               tool_use.checked_constraint(engine))
     prompt_ids = encode_prompt(engine, prompt, params)
-    output = ChatOutput(tool_use, prompt_ids, engine.tokenizer, request.include_reasoning)
+    output = ChatOutput(tool_use, prompt_ids, engine.tokenizer, request.include_reasoning,
+                        request.chat_template_kwargs)
     admit()
     generation = start_generation(engine, prompt_ids, params)
     answer = _Answer("chatcmpl", "chat.completion", engine, params, request.request_id)
