@@ -23,7 +23,7 @@ import pytest
 from conftest import kept_alive
 
 MODEL = "SmolLM2-135M-Instruct"
-HTTP_TIMEOUT = 120
+HTTP_TIMEOUT = 300  # a shared 2-core machine under load: 1 s a token was seen
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_SERVER_ARGS = ("--chat-template", str(ROOT / "templates" / "smollm2_pythonic_tools.jinja"),
                      "--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--reasoning-parser", "qwen3")
@@ -36,7 +36,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "The
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # the qwen3 parser then reads no reasoning
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +63,22 @@ def calls_of(message) -> list[tuple[str, dict]]:
     return calls
 
 
-def whole_and_streamed(client, **request):
+def whole_and_streamed(client, max_tokens=40, **request):
     """The whole answer's choice and the streamed one's, as the SDK reassembles its deltas."""
-    whole = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=60, **request).choices[0]
-    with client.chat.completions.stream(model=MODEL, temperature=0, max_tokens=60, **request) as stream:
+    whole = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=max_tokens, **request).choices[0]
+    with client.chat.completions.stream(model=MODEL, temperature=0, max_tokens=max_tokens, **request) as stream:
         streamed = stream.get_final_completion().choices[0]
     return whole, streamed
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_required_gives_valid_calls_whole_and_streamed(client, parallel):
+def test_required_gives_a_valid_call_whole_and_streamed(client):
+    # one call (parallel_tool_calls false): the model would otherwise repeat calls up to max_tokens, and several
+    # calls are the in-process tests' (the list's schema is the same)
     whole, streamed = whole_and_streamed(client, messages=QUESTION, tools=[WEATHER, TIME], tool_choice="required",
-                                         parallel_tool_calls=parallel)
+                                         parallel_tool_calls=False)
     assert whole.finish_reason == streamed.finish_reason == "tool_calls"
     calls = calls_of(whole.message)
-    assert calls and calls_of(streamed.message) == calls
-    assert parallel or len(calls) == 1
+    assert len(calls) == 1 and calls_of(streamed.message) == calls
     assert all(call.id.startswith("chatcmpl-tool-") for call in whole.message.tool_calls)
 
 
@@ -91,22 +91,22 @@ def test_a_named_function_gives_its_call_whole_and_streamed(client):
 
 
 def test_a_tool_result_turn_renders_and_is_answered(client):
-    call = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=60, messages=QUESTION,
-                                          tools=[WEATHER], tool_choice="required").choices[0].message
+    called = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=40, messages=QUESTION,
+                                            tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    call = called.choices[0].message
     history = [*QUESTION, call.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny, 21 C"}]
-    answer = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=20, messages=history,
+    answer = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=12, messages=history,
                                             tools=[WEATHER], tool_choice="none", extra_body=NO_THINKING)
     choice = answer.choices[0]
     assert choice.message.content and not choice.message.tool_calls and choice.finish_reason in ("stop", "length")
-    # the history was rendered: the prompt holds the call and its result
-    assert answer.usage.prompt_tokens > client.chat.completions.create(
-        model=MODEL, max_tokens=1, messages=QUESTION, tools=[WEATHER], tool_choice="none").usage.prompt_tokens + 10
+    # the history was rendered: the prompt holds the call and its result too
+    assert answer.usage.prompt_tokens > called.usage.prompt_tokens + 10
 
 
 def test_none_answers_text(client):
-    whole, streamed = whole_and_streamed(client, messages=QUESTION, tools=[WEATHER], tool_choice="none",
-                                         extra_body=NO_THINKING)
+    whole, streamed = whole_and_streamed(client, max_tokens=12, messages=QUESTION, tools=[WEATHER],
+                                         tool_choice="none", extra_body=NO_THINKING)
     assert whole.message.content and not whole.message.tool_calls
     assert streamed.message.content == whole.message.content
 
@@ -125,7 +125,7 @@ def test_auto_reads_the_reasoning_and_the_pythonic_call_of_an_answer(client):
 
 
 def test_auto_answers_text_or_a_parsed_call(client):
-    choice = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=30, messages=QUESTION,
+    choice = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=12, messages=QUESTION,
                                             tools=[WEATHER], extra_body=NO_THINKING).choices[0]
     assert (choice.finish_reason == "tool_calls" and calls_of(choice.message)) or \
         (choice.message.content and not choice.message.tool_calls)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flask import current_app
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gunicorn_llm.engines.base import Engine
-from gunicorn_llm.request_schema import RequestError, StructuredOutputs
+from gunicorn_llm.request_schema import RequestError, StructuredOutputs, as_request_error
 
 OUTPUT_PARSER_KEY = "llm_output_parser"  # app.extensions: vLLM's Parser class, or None
 AUTO_TOOL_CHOICE_KEY = "ENABLE_AUTO_TOOL_CHOICE"  # app.config: --enable-auto-tool-choice
@@ -63,9 +63,8 @@ class ToolFields(BaseModel):
     """The function-calling fields of a chat request (vLLM's names, checks and messages)."""
 
     tools: list[Tool] | None = None
-    # a plain string checked below: one message for a bad choice, not one per branch of a union
-    tool_choice: str | NamedToolChoice | None = Field(
-        None, description="`none`, `auto`, `required` or a named function; default: auto with tools, none without")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
     parallel_tool_calls: bool = Field(True, description="false: one tool call at most")
 
     @field_validator("tools")
@@ -75,12 +74,18 @@ class ToolFields(BaseModel):
             raise ValueError("`tools` must not be an empty array; send at least one tool or leave the field out")
         return value
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _a_known_choice(cls, value):
+        # one message for a bad choice, rather than one per branch of the union
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(f"invalid value `{value}`: only named tools, none, auto or required are supported")
+        return value
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_among_the_tools(cls, value, info: ValidationInfo):
         tools = info.data.get("tools")
-        if isinstance(value, str) and value not in ("none", "auto", "required"):
-            raise ValueError(f"invalid value `{value}`: only named tools, none, auto or required are supported")
         if value not in (None, "none") and not tools:
             raise ValueError("when using `tool_choice`, `tools` must be set")
         if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
@@ -174,11 +179,14 @@ def _vllm_request(tool_use: ToolUse, include_reasoning: bool):
     """vLLM's request model, which its parsers read (tools, tool_choice, include_reasoning)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    return ChatCompletionRequest.model_validate({
-        "messages": [{"role": "user", "content": ""}], "include_reasoning": include_reasoning,
-        "tools": [tool.model_dump(exclude_none=True) for tool in tool_use.tools] or None,
-        "tool_choice": tool_use.choice.model_dump() if tool_use.named else tool_use.choice,
-    })
+    try:
+        return ChatCompletionRequest.model_validate({
+            "messages": [{"role": "user", "content": ""}], "include_reasoning": include_reasoning,
+            "tools": [tool.model_dump(exclude_none=True) for tool in tool_use.tools] or None,
+            "tool_choice": tool_use.choice.model_dump() if tool_use.named else tool_use.choice,
+        })
+    except ValidationError as error:  # tools ours accept and vLLM's do not
+        raise RequestError(f"tools: {as_request_error(error).message}", "tools") from None
 
 
 def _message_fields(delta) -> dict:
