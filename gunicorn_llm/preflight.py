@@ -53,6 +53,8 @@ def preflight() -> int:
         if settings.tool_call_parser or settings.reasoning_parser:  # the parsers fit the model's tokenizer
             from transformers import AutoTokenizer
 
+            logging.getLogger("vllm").setLevel(logging.ERROR)  # its import's notes are the worker's to log
+
             load_output_parser(settings, AutoTokenizer.from_pretrained(
                 model_dir, trust_remote_code=settings.trust_remote_code))
         if settings.infer_type == "vllm" and dispatcher.slices[0].is_cpu:

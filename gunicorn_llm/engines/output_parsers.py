@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME
 from gunicorn_llm.settings import ServerSettings
 
 
@@ -57,6 +58,6 @@ def load_output_parser(settings: ServerSettings, tokenizer) -> type | None:
     try:
         return ParserManager.get_parser(tool_parser_name=tool_parser, reasoning_parser_name=settings.reasoning_parser,
                                         enable_auto_tools=settings.enable_auto_tool_choice, tokenizer=tokenizer,
-                                        model_name=settings.model_name)
+                                        model_name=settings.model_name or EMBEDDED_MODEL_NAME)
     except (TypeError, ValueError, ImportError, RuntimeError) as error:  # vLLM's own message names the option
         raise OutputParserError(str(error).splitlines()[0]) from None
