@@ -132,9 +132,16 @@ class ToolUse:
             return _arguments_schema(next(t.function for t in self.tools if t.function.name == self.named))
         definitions: dict[str, Any] = {}
         calls = []
-        for tool in self.tools:
+        for index, tool in enumerate(self.tools):
             arguments = dict(_arguments_schema(tool.function))
-            definitions.update(arguments.pop("$defs", None) or {})  # references resolve from the top, as in vLLM
+            # references resolve from the top, as in vLLM, which refuses these as well
+            defined = arguments.pop("$defs", {})
+            param = f"tools.{index}.function.parameters"
+            if not isinstance(defined, dict):
+                raise RequestError(f"{param}: `$defs` must be an object", param)
+            if any(definitions.get(name, schema) != schema for name, schema in defined.items()):
+                raise RequestError(f"{param}: a `$defs` entry another tool defines differently", param)
+            definitions.update(defined)
             calls.append({"properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                          "parameters": arguments},
                           "required": ["name", "parameters"]})
@@ -252,11 +259,11 @@ class ChatOutput:
     def _forced_calls(self, text: str) -> list[dict] | None:
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+            if self.tool_use.named is not None:  # the arguments themselves, as generated (vLLM's)
+                return [_call(self.tool_use.named, text)]
+            return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
+        except (json.JSONDecodeError, TypeError, KeyError):  # not the schema's shape: cut short
             return None
-        if self.tool_use.named is not None:  # the arguments themselves, as generated (vLLM's)
-            return [_call(self.tool_use.named, text)]
-        return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -317,10 +324,12 @@ class ChoiceStream:
                 break
             try:
                 value, end = decoder.raw_decode(self.text, start)
+                calls.append(_call(value["name"], json.dumps(value["parameters"], ensure_ascii=False),
+                                   index=self.calls_sent + len(calls)))
             except json.JSONDecodeError:
                 break  # the object is not complete yet
-            calls.append(_call(value["name"], json.dumps(value["parameters"], ensure_ascii=False),
-                               index=self.calls_sent + len(calls)))
+            except (TypeError, KeyError):  # not the schema's shape (the grammar rules it out): no call
+                break
             self.read_to = end
         if not calls:
             return None
