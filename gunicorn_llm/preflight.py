@@ -1,7 +1,7 @@
 """The launcher's pre-flight (`python -m gunicorn_llm.preflight`, run by start_gunicorn.sh before gunicorn): the
-settings, the engine's presence, API keys, a free GPU slice, the model's folder and, for vLLM on CPU, room for its
-cache, each refused with one line that names the problem. It stands beside the HTTP layer: it may import the
-settings, ops and engines.
+settings, the engine's presence, API keys, a free GPU slice, the model's folder, the chat template file, the output
+parsers (vLLM's, fitting the model's tokenizer) and, for vLLM on CPU, room for its cache, each refused with one line
+that names the problem. It stands beside the HTTP layer: it may import the settings, ops and engines.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 
 from gunicorn_llm.engines.cpu_memory import CpuMemoryError, cpu_kv_cache_bytes
 from gunicorn_llm.engines.model_store import ModelNotFoundError, resolve_model
+from gunicorn_llm.engines.output_parsers import OutputParserError, check_parser_settings, load_output_parser
 from gunicorn_llm.ops.dispatcher import DispatchError, GPUDispatcher, cut_slices, discover_devices
 from gunicorn_llm.settings import USAGE_ERROR, load_settings
 
@@ -47,11 +48,19 @@ def preflight() -> int:
             print(f"error: no free GPU slice on this host: every slice is held by another server "
                   f"(see {settings.dispatcher_state})", file=sys.stderr)
             return USAGE_ERROR
+        check_parser_settings(settings)
         model_dir = resolve_model(settings.model_name)
+        if settings.tool_call_parser or settings.reasoning_parser:  # the parsers fit the model's tokenizer
+            from transformers import AutoTokenizer
+
+            logging.getLogger("vllm").setLevel(logging.ERROR)  # its import's notes are the worker's to log
+
+            load_output_parser(settings, AutoTokenizer.from_pretrained(
+                model_dir, trust_remote_code=settings.trust_remote_code))
         if settings.infer_type == "vllm" and dispatcher.slices[0].is_cpu:
             cpu_kv_cache_bytes(model_dir, settings)  # raises when the model cannot fit in the free memory
         print(model_dir)
-    except (DispatchError, ModelNotFoundError, CpuMemoryError) as error:
+    except (DispatchError, ModelNotFoundError, CpuMemoryError, OutputParserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     return 0

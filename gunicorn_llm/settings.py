@@ -163,6 +163,30 @@ class ServerSettings(BaseSettings):
         doc="tokens per streamed chunk after the first (as vLLM's flag); more: fewer, larger chunks, more throughput "
         "for a busy worker (`docs/benchmarks.md`)", ge=1, le=1024,
     )
+    chat_template: str | None = _setting(
+        None, "CHAT_TEMPLATE", ("--chat-template", "--chat_template"),
+        "a Jinja chat template file replacing the model's",
+        meta="FILE", shown_default="the model's",
+        doc="a Jinja chat template file used instead of the model's (e.g. `templates/smollm2_pythonic_tools.jinja`, "
+        "which renders tools for the embedded model); also for `/tokenize`",
+    )
+    enable_auto_tool_choice: bool = _setting(
+        False, "ENABLE_AUTO_TOOL_CHOICE", "--enable-auto-tool-choice",
+        "tool_choice auto: tool calls parsed from the answer by --tool-call-parser",
+        doc="`tool_choice: auto` (the default when `tools` are sent): the model decides, and `--tool-call-parser` "
+        "finds its calls in the answer; without it such a request is a 400, as in vLLM ([api.md](docs/api.md#"
+        "function-calling))",
+    )
+    tool_call_parser: str | None = _setting(
+        None, "TOOL_CALL_PARSER", "--tool-call-parser", "vLLM's tool-call parser for --enable-auto-tool-choice",
+        meta="NAME", doc="the vLLM tool-call parser that reads the model's calls (`pythonic`, `hermes`, ...); both "
+        "engines, vLLM installed",
+    )
+    reasoning_parser: str | None = _setting(
+        None, "REASONING_PARSER", "--reasoning-parser", "vLLM's reasoning parser: reasoning_content apart from content",
+        meta="NAME", doc="the vLLM reasoning parser (`qwen3`, `deepseek_r1`, ...) that moves the model's reasoning "
+        "out of `content` into `reasoning_content`; both engines, vLLM installed",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = _setting(
         "info", "LOG_LEVEL", "--log-level", "debug, info, warning or error", meta="L",
         doc="`debug`, `info`, `warning`, `error`",
@@ -222,7 +246,7 @@ class ServerSettings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("model_name", "quantization", "cuda_visible_devices", "gpu_ids", "model_path", "api_key",
-                     "api_key_file", mode="before")
+                     "api_key_file", "chat_template", "tool_call_parser", "reasoning_parser", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         # The original launcher passed the string "None" for unset options.

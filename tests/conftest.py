@@ -119,10 +119,11 @@ ENGINE_SERVERS = {
 
 @pytest.fixture(scope="module", params=list(ENGINE_SERVERS))
 def engine_server(request, start_server):
-    """A ready server of each engine in turn (`server.engine` names it), stopped before the next one starts: the
-    next engine's server gets both CPU cores. The fixture's setup counts towards the first test's time limit."""
+    """A ready server of each engine in turn (`server.engine` names it; a module's EXTRA_SERVER_ARGS are added to its
+    launcher arguments), stopped before the next one starts: the next engine's server gets both CPU cores. The
+    fixture's setup counts towards the first test's time limit."""
     args, env, ready_timeout = ENGINE_SERVERS[request.param]
-    server = start_server(*args, env=env)
+    server = start_server(*args, *getattr(request.module, "EXTRA_SERVER_ARGS", ()), env=env)
     server.engine = request.param
     try:
         deadline = time.monotonic() + ready_timeout

@@ -2,12 +2,38 @@
 
 It implements the engine interface (engines/base.py) with the embedded model's tokenizer, so everything above the
 engines (text, stop strings, routes, error shapes, SSE frames, guards) runs for real over it, in the test's own
-process, without a model or a server.
+process, without a model or a server. Structured-output constraints are compiled for real (xgrammar), so a bad one
+is refused as the transformers engine refuses it; the published tokens are the script's all the same.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+
 from gunicorn_llm.engines.base import ChoiceUpdate, Engine, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.grammars import Grammars
+from gunicorn_llm.http.app import create_app
+from gunicorn_llm.settings import ServerSettings
+
+
+def scripted_client(tokenizer, script: list[str], finish: str = "length", **settings):
+    """A Flask test client of an app serving a scripted engine that answers each choice with a text of `script` (in
+    turn), ending it with `finish`, once its engine is loaded; `settings` by variable."""
+    return scripted_client_of(
+        ScriptedEngine(tokenizer, [tokenizer(text, add_special_tokens=False)["input_ids"] for text in script], finish),
+        **settings)
+
+
+def scripted_client_of(engine: Engine, **settings):
+    """A Flask test client of an app serving `engine`, once it is loaded; `settings` by variable."""
+    app = create_app(lambda: engine, ServerSettings(**settings))
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the scripted engine did not load"
+        time.sleep(0.01)
+    return client
 
 
 class ScriptedEngine(Engine):
@@ -37,6 +63,13 @@ class ScriptedEngine(Engine):
                 last = position == len(tokens) - 1
                 stream.publish(ChoiceUpdate(choice, [token], None, self.finish if last else None))
         return stream
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        return Grammars(self.tokenizer, len(self.tokenizer), self.eos_token_ids)
+
+    def check_structured_outputs(self, constraint):
+        self.grammars.compile(constraint)
 
     def _abort(self):
         self.aborted += 1

@@ -8,14 +8,11 @@ real engines, sockets) stays in the server tests (test_server_e2e.py, test_guard
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from transformers import AutoTokenizer
 
-from gunicorn_llm.http.app import create_app
-from gunicorn_llm.settings import ServerSettings
-from scripted_engine import ScriptedEngine
+from scripted_engine import ScriptedEngine, scripted_client, scripted_client_of
 
 pytestmark = pytest.mark.inprocess
 
@@ -30,32 +27,16 @@ def tokenizer(embedded_model_dir):
     return AutoTokenizer.from_pretrained(embedded_model_dir)
 
 
-def scripted_client(tokenizer, **settings):
-    """A test client of an app serving the scripted engine, once its engine is loaded; `settings` by variable."""
-    return scripted_client_of(ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]]),
-                              **settings)
-
-
-def scripted_client_of(engine: ScriptedEngine, **settings):
-    app = create_app(lambda: engine, ServerSettings(**settings))
-    client = app.test_client()
-    deadline = time.monotonic() + 10
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the scripted engine did not load"
-        time.sleep(0.01)
-    return client
-
-
 @pytest.fixture(scope="module")
 def client(tokenizer):
-    return scripted_client(tokenizer, MAX_INSTANCES=4)
+    return scripted_client(tokenizer, [ANSWER], MAX_INSTANCES=4)
 
 
 @pytest.fixture(scope="module")
 def guarded(tokenizer, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# accepted keys\n{KEY}\n\nanother-key\n")
-    return scripted_client(tokenizer, API_KEY_FILE=str(keys), MAX_BODY_BYTES=4096, MAX_INSTANCES=4)
+    return scripted_client(tokenizer, [ANSWER], API_KEY_FILE=str(keys), MAX_BODY_BYTES=4096, MAX_INSTANCES=4)
 
 
 def error_of(response, status: int) -> dict:
@@ -222,7 +203,7 @@ PROBE_TEMPLATE = (
 def probe_client(embedded_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     tokenizer.chat_template = PROBE_TEMPLATE
-    return scripted_client(tokenizer), tokenizer
+    return scripted_client(tokenizer, [ANSWER]), tokenizer
 
 
 @pytest.mark.parametrize(("controls", "rendered"), [
@@ -256,8 +237,7 @@ def test_a_request_id_becomes_the_answers_id(client):
 
 
 @pytest.mark.parametrize(("route", "body", "field"), [
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
+    ("/v1/chat/completions", {"messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"messages": QUESTION, "guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/completions", {"prompt": "Hi", "use_beam_search": True}, "use_beam_search"),
     ("/v1/chat/completions", {"messages": QUESTION, "prompt_logprobs": 1}, "prompt_logprobs"),

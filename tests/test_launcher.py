@@ -228,6 +228,17 @@ def test_quantization_with_the_transformers_engine_is_refused(tmp_path):
     assert_refused(launch(tmp_path, "--quantization", "awq"), "--quantization", "vLLM engine")
 
 
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("--enable-auto-tool-choice",), ("--enable-auto-tool-choice requires --tool-call-parser",)),
+    (("--reasoning-parser", "nonesuch"), ("--reasoning-parser nonesuch", "no such parser", "qwen3")),
+    (("--enable-auto-tool-choice", "--tool-call-parser", "mistral"),
+     ("--tool-call-parser mistral cannot be used with the tokenizer of 'SmolLM2-135M-Instruct'",)),
+    (("--chat-template", "no-such.jinja"), ("--chat-template no-such.jinja", "No such file")),
+], ids=["auto-without-parser", "unknown-parser", "parser-for-another-tokenizer", "missing-template"])
+def test_output_parsers_and_templates_that_cannot_work_are_refused(tmp_path, args, fragments):
+    assert_refused(launch(tmp_path, *args), *fragments)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Engine choice, case-insensitive
 

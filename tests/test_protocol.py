@@ -34,7 +34,7 @@ def client(embedded_model_dir, tmp_path_factory):
     # (this process's own values are not in files, so /workers lists no worker: the live fuzz test sees them).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path_factory.mktemp("metrics")))
-        yield scripted_client(AutoTokenizer.from_pretrained(embedded_model_dir), MAX_INSTANCES=4)
+        yield scripted_client(AutoTokenizer.from_pretrained(embedded_model_dir), [ANSWER], MAX_INSTANCES=4)
 
 
 # -- the route table is the app's -------------------------------------------------------------------------------

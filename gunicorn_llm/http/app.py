@@ -22,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 
 from gunicorn_llm.engines.base import ClientGone, DeadlineExceeded, Engine
 from gunicorn_llm.engines.model_store import EMBEDDED_MODEL_NAME, resolve_model
+from gunicorn_llm.engines.output_parsers import load_output_parser, read_chat_template
+from gunicorn_llm.http.chat_tools import AUTO_TOOL_CHOICE_KEY, OUTPUT_PARSER_KEY
 from gunicorn_llm.http.common import ENGINE_KEY, EngineLoading, error_response, request_error_response
 from gunicorn_llm.http.guards import install_guards
 from gunicorn_llm.http.native_api import native
@@ -95,11 +97,16 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     app = Flask(__name__, static_folder=None)  # the monitor page serves its own files
     app.config.update(ENGINE_LOAD_WAIT_S=settings.worker_timeout, REQUEST_TIMEOUT=settings.request_timeout,
                       MAX_INSTANCES=settings.max_instances)
+    app.config[AUTO_TOOL_CHOICE_KEY] = settings.enable_auto_tool_choice
     install_guards(app, settings)
 
     def build() -> Engine:
         engine = build_engine()
         engine.inject_failure_after(settings.fault_inject_after_steps)
+        if settings.chat_template:  # every chat rendering (chat completions, /tokenize) goes through the tokenizer
+            engine.tokenizer.chat_template = read_chat_template(settings.chat_template)
+        # before the engine is handed out: requests find the parsers once they find the engine
+        app.extensions[OUTPUT_PARSER_KEY] = load_output_parser(settings, engine.tokenizer)
         return engine
 
     app.extensions[ENGINE_KEY] = slot = EngineSlot(build, app)

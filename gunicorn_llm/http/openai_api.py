@@ -5,7 +5,8 @@ same `TextGeneration` (engines/generation.py), so answers, stop strings and canc
 `stream: true` the answer is server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk. A client that disconnects mid-stream cancels its generation.
 Structured outputs (`response_format`, vLLM's `structured_outputs`) become the params' one constraint, which the
-engine compiles before the request is admitted: one it cannot compile is a 400 naming the field.
+engine compiles before the request is admitted: one it cannot compile is a 400 naming the field. Function calling
+(`tools`, `tool_choice`) and reasoning (`--reasoning-parser`) on chat completions: chat_tools.py.
 Fields of OpenAI's and vLLM's requests that the server does not honour are refused with a 400 naming them
 (unhonoured_fields.py); other keys the server does not know are ignored with a warning, as vLLM's server does.
 """
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
 from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGeneration
+from gunicorn_llm.http.chat_tools import ChatOutput, ToolFields, ToolUse
 from gunicorn_llm.http.common import (
     check_model_name,
     check_prompt_count,
@@ -161,11 +163,27 @@ class CompletionRequest(_SamplingFields):
         return list(self.prompt)
 
 
+class FunctionCallMessage(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text, as the answer gave it")
+
+
+class ToolCallMessage(BaseModel):
+    """A call an assistant message made (OpenAI's shape, as answers carry them)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallMessage
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message's answer to this call")
 
     @field_validator("content")
     @classmethod
@@ -179,6 +197,28 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
             return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: tool-call arguments as objects, not JSON text (what transformers'
+        templates expect, and what vLLM's server hands them)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [{**call.model_dump(exclude_none=True),
+                                      "function": {"name": call.function.name,
+                                                   "arguments": _json_or_text(call.function.arguments)}}
+                                     for call in self.tool_calls]
+        return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # arguments a model cut short: the template gets the text as it was
+        return text
 
 
 # What the chat template may not be handed through `chat_template_kwargs`: the arguments the server sets itself.
@@ -216,21 +256,24 @@ class ChatTemplateControls(BaseModel):
         return value
 
 
-class ChatCompletionRequest(ChatTemplateControls, _SamplingFields):
+class ChatCompletionRequest(ChatTemplateControls, ToolFields, _SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Accepted, and true to their meaning here: no reasoning parser, so no reasoning is split out to include or drop;
-    # no tools are accepted, so no tool calls to run in parallel.
-    include_reasoning: bool = True
-    parallel_tool_calls: bool = True
+    include_reasoning: bool = Field(True, description="false: leave out what --reasoning-parser splits off")
 
 
-def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, logprobs: int | None
-                     ) -> SamplingParams:
-    """The request's params, its structured-output constraint checked by the engine."""
+def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, logprobs: int | None,
+                     tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
+    """The request's params, its structured-output constraint checked by the engine (a forced tool call's is
+    checked already)."""
     constraint, constraint_field = request.constraint()
+    if tool_constraint is not None:
+        if constraint is not None:
+            raise RequestError("tool_choice required or a named function constrains the answer to the call: leave "
+                               "response_format and structured_outputs out", "tool_choice")
+        constraint = tool_constraint
     fields = {
         key: getattr(request, key)
         for key in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
@@ -243,7 +286,8 @@ def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, 
     except ValidationError as error:
         raise as_request_error(error) from None
     params = params.model_copy(update={"structured_outputs": constraint})  # validated already, in the request
-    check_structured_outputs(engine, params, constraint_field)
+    if tool_constraint is None:
+        check_structured_outputs(engine, params, constraint_field)
     check_token_controls(engine, params)
     return params
 
@@ -414,38 +458,43 @@ def chat_completions():
     request = parse_body(ChatCompletionRequest, read_json_body(), "/v1/chat/completions")
     engine = current_engine()
     check_model_name(engine, request.model)
-    prompt = chat_prompt_ids(engine, request)
+    tool_use = ToolUse.of(request)
+    prompt = chat_prompt_ids(engine, request, tool_use.template_tools())
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     # Without a limit, the answer may fill what the context leaves after the prompt.
     params = _sampling_params(engine, request,
-                              limit if limit is not None else max(1, engine.max_model_len - len(prompt)), logprobs)
+                              limit if limit is not None else max(1, engine.max_model_len - len(prompt)), logprobs,
+                              tool_use.checked_constraint(engine))
     prompt_ids = encode_prompt(engine, prompt, params)
+    output = ChatOutput(tool_use, prompt_ids, engine.tokenizer, request.include_reasoning,
+                        request.chat_template_kwargs)
     admit()
     generation = start_generation(engine, prompt_ids, params)
     answer = _Answer("chatcmpl", "chat.completion", engine, params, request.request_id)
     answer.prompt_tokens = len(prompt_ids)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return _event_stream(_chat_events(answer, generation, include_usage), [generation])
+        return _event_stream(_chat_events(answer, generation, output, include_usage), [generation])
     choices = []
     for choice, result in enumerate(generation.collect()):
         answer.completion_tokens += len(result.token_ids)
+        message, finish_reason = output.message(result.text, result.token_ids, result.finish_reason)
         choices.append({
             "index": choice,
-            "message": {"role": "assistant", "content": result.text},
+            "message": message,
             "logprobs": _chat_logprobs(engine, result.logprobs or []) if logprobs is not None else None,
-            "finish_reason": result.finish_reason,
+            "finish_reason": finish_reason,
         })
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
 
 
-def chat_prompt_ids(engine: Engine, request: ChatTemplateControls) -> list[int]:
-    """The request's messages through the model's chat template, tokenized (also /tokenize's)."""
-    conversation = [{"role": message.role, "content": message.text()} for message in request.messages]
+def chat_prompt_ids(engine: Engine, request: ChatTemplateControls, tools: list[dict] | None = None) -> list[int]:
+    """The request's messages (and tools) through the chat template, tokenized (also /tokenize's)."""
+    conversation = [message.for_template() for message in request.messages]
     try:
         text = engine.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=request.add_generation_prompt,
+            conversation, tools=tools, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message, documents=request.documents, tokenize=False,
             **(request.chat_template_kwargs or {}))
     except Exception as error:  # noqa: BLE001 - a template that refuses this conversation is the client's problem
@@ -465,18 +514,21 @@ def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
     ]}
 
 
-def _chat_events(answer, generation: TextGeneration, include_usage: bool) -> Iterator[dict]:
+def _chat_events(answer, generation: TextGeneration, output: ChatOutput, include_usage: bool) -> Iterator[dict]:
     params = answer.params
+    streams = [output.stream() for _ in range(params.n)]
     for choice in range(params.n):
         yield answer.chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
     for delta in generation:
         answer.completion_tokens += len(delta.token_ids)
-        if not (delta.text or delta.finish_reason or delta.logprobs):
+        stream = streams[delta.choice]
+        fields = stream.delta(delta.text, delta.token_ids, finished=delta.finish_reason is not None)
+        if not (fields or delta.finish_reason or delta.logprobs):
             continue
         logprobs = _chat_logprobs(answer.engine, delta.logprobs or []) if params.logprobs is not None else None
-        yield answer.chunk([{"index": delta.choice, "delta": {"content": delta.text} if delta.text else {},
-                             "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+        yield answer.chunk([{"index": delta.choice, "delta": fields or {}, "logprobs": logprobs,
+                             "finish_reason": stream.finish_reason(delta.finish_reason)}])
     if include_usage:
         yield answer.chunk([], usage=answer.usage())
 

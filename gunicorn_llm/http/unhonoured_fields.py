@@ -25,7 +25,7 @@ class Unhonoured:
 # vLLM's older spelling of structured outputs, gone from its request models: refused rather than mapped, so a client
 # learns the spelling both servers take
 _GUIDED = "vLLM's guided_* fields are gone (vLLM removed them too); use structured_outputs or response_format"
-_TOOLS = "function calling is not supported by this server yet"
+_FUNCTIONS = "the deprecated `functions` and `function_call` are not supported; use `tools` and `tool_choice`"
 _SAMPLING = "this sampling control is not supported by this server yet"
 _MULTIMODAL = "this server serves text models only"
 _VLLM_INTERNAL = "this vLLM extension is not supported by this server"
@@ -72,10 +72,8 @@ UNHONOURED: dict[str, dict[str, Unhonoured]] = {
     },
     "/v1/chat/completions": {
         **_SHARED,
-        "tools": Unhonoured(_TOOLS, (None, [])),
-        "tool_choice": Unhonoured(_TOOLS, (None, "none")),
-        "functions": Unhonoured(_TOOLS, (None, [])),
-        "function_call": Unhonoured(_TOOLS, (None, "none")),
+        "functions": Unhonoured(_FUNCTIONS, (None, [])),
+        "function_call": Unhonoured(_FUNCTIONS, (None, "none")),
         "reasoning_effort": Unhonoured("reasoning controls are not supported by this server yet"),
         "chat_template": Unhonoured("a per-request chat template is not accepted (nor by vLLM's server by default); "
                                     "start the server with the model's template"),
