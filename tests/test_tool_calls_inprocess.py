@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gunicorn_llm.engines.output_parsers import OutputParserError, load_output_parser
+from gunicorn_llm.http.protocol import ChatCompletionChunk, ChatCompletionResponse
 from gunicorn_llm.settings import ServerSettings
 from scripted_engine import scripted_client
 
@@ -36,6 +37,7 @@ def tokenizer(embedded_model_dir):
 def chat(client, **body) -> dict:
     response = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 40, **body})
     assert response.status_code == 200, response.get_data(as_text=True)
+    ChatCompletionResponse.model_validate(response.get_json())  # calls and reasoning are in the documented shape
     return response.get_json()["choices"][0]
 
 
@@ -46,7 +48,8 @@ def streamed(client, **body) -> list[dict]:
     assert response.status_code == 200, response.get_data(as_text=True)
     events = [line.removeprefix("data: ") for line in response.get_data(as_text=True).split("\n\n") if line]
     assert events[-1] == "[DONE]"
-    return [choice for event in events[:-1] for choice in json.loads(event)["choices"]]
+    chunks = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]  # the documented shape
+    return [choice.model_dump(exclude_unset=True) for chunk in chunks for choice in chunk.choices]
 
 
 def reassembled_calls(choices: list[dict]) -> list[dict]:

@@ -163,9 +163,24 @@ class ChatLogprobs(_Answer):
     content: list[ChatTokenLogprob]
 
 
+class CalledFunction(_Answer):
+    name: str
+    arguments: str = Field(description="the arguments, a JSON object as text")
+
+
+class ToolCall(_Answer):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(_Answer):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null where a parser read the whole answer as tool calls (as vLLM)")
+    # with --reasoning-parser: the thinking read out of the answer, under vLLM's old and new names
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Answer):
@@ -186,9 +201,26 @@ class ChatCompletionResponse(_Answer):
     usage: Usage | None
 
 
+class CalledFunctionDelta(_Answer):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Answer):
+    """A streamed piece of a tool call: the first names it (id, type, function name), the rest add arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: CalledFunctionDelta
+
+
 class ChatDelta(_Answer):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Answer):
