@@ -26,45 +26,20 @@ Usage: python scripts/bench_eval_load.py --tokenizer MODEL_DIR --url ours=http:/
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit
+from benchkit.eval_load import STOP, Load, loglikelihood_body, make_load  # noqa: E402
 from benchkit.load import send_all  # noqa: E402
-
-LOGLIKELIHOOD = {"max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
-STOP = "\n\n"
-
-
-@dataclass(frozen=True)
-class Load:
-    choices: list[tuple[str, list[str]]]  # (context, 4 options)
-    prompts: list[str]  # generate-until prompts
-
-
-def make_load(tokenizer, items: int, generations: int, seed: int, fewshot: int = 0) -> Load:
-    rng = random.Random(seed)
-    vocab = range(100, tokenizer.vocab_size - 100)
-
-    def text(length: int) -> str:
-        return tokenizer.decode([rng.choice(vocab) for _ in range(length)])
-
-    choices = [(text(rng.randint(100, 500)), [" " + text(rng.randint(1, 8)).strip() for _ in range(4)])
-               for _ in range(items)]
-    prompts = [text(200) for _ in range(generations)]
-    shots = "".join(f"{text(rng.randint(30, 80))} {text(rng.randint(1, 8)).strip()}\n\n" for _ in range(fewshot))
-    return Load([(shots + context, options) for context, options in choices], [shots + prompt for prompt in prompts])
 
 
 def option_loglikelihood(url: str, model: str | None, context: str, option: str, session) -> float:
     """As lm-eval's local-completions: the echoed prompt's token log-probabilities after the context's tokens."""
-    body = {"prompt": context + option, **LOGLIKELIHOOD, **({"model": model} if model else {})}
-    answer = session.post(f"{url}/v1/completions", json=body, timeout=600)
+    answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(context, option, model), timeout=600)
     answer.raise_for_status()
     logprobs = answer.json()["choices"][0]["logprobs"]
     offsets, values = logprobs["text_offset"], logprobs["token_logprobs"]

@@ -52,6 +52,11 @@ class DeadlineExceeded(Exception):
     """A generation ran past its request's deadline."""
 
 
+class EngineBusy(Exception):
+    """The engine cannot serve this request now (e.g. out of memory for it beside the others); it serves later ones,
+    and the client may retry (a 503)."""
+
+
 class ClientGone(Exception):
     """The client that asked for a generation disconnected before its answer."""
 
@@ -214,6 +219,17 @@ class Engine(ABC):
     @abstractmethod
     def running(self) -> int:
         """Sequences the engine is generating now (each choice counts): the capacity in use."""
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as `tokenizer.decode([token_id])` gives it, remembered: a scored prompt's logprobs name
+        each of its hundreds of tokens and their alternatives, and each decode costs microseconds of Python under the
+        worker's one interpreter lock (half the HTTP layer's time for a scoring request, docs/benchmarks.md). At most
+        one entry per token of the vocabulary."""
+        texts = self.__dict__.setdefault("_token_texts", {})
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""

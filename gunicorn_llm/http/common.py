@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from gunicorn_llm.engines.base import DeadlineExceeded, Engine
+from gunicorn_llm.engines.base import DeadlineExceeded, Engine, EngineBusy
 from gunicorn_llm.engines.generation import TextGeneration
 from gunicorn_llm.http.unhonoured_fields import UNHONOURED, refuse_unhonoured
 from gunicorn_llm.ops.metrics import RequestStats
@@ -73,13 +73,18 @@ def deadline() -> float:
 
 
 def as_http_error(error: Exception) -> RequestError:
-    """What the client is told of an error: a request error as it is, a past deadline as a 504, anything else (the
-    engine failed mid-generation) as a 500 that names it, logged with its traceback."""
+    """What the client is told of an error: a request error as it is, a past deadline as a 504, an engine busy for
+    it now as a 503 to retry, anything else (the engine failed mid-generation) as a 500 that names it, logged with
+    its traceback."""
     if isinstance(error, RequestError):
         return error
     if isinstance(error, DeadlineExceeded):
         return RequestError(f"the request took longer than its {current_app.config['REQUEST_TIMEOUT']:g} s "
                             "deadline; its generation was stopped", None, status=504, error_type="timeout_error")
+    if isinstance(error, EngineBusy):
+        log.warning("request %s %s: %s", request.method, request.path, error)
+        return RequestError(str(error), None, status=503, error_type="service_unavailable",
+                            headers={"Retry-After": "1"})
     log.error("request %s %s failed", request.method, request.path, exc_info=error)
     return RequestError(f"inference failed: {type(error).__name__}: {error}", None, status=500,
                         error_type="internal_error")

@@ -309,14 +309,14 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tupl
     if params.logprobs is None:
         return text, None
     scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs, deadline=deadline())[0]
-    first = engine.tokenizer.decode(prompt_ids[:1])
+    first = engine.token_text(prompt_ids[0])
     logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
     return text, logprobs
 
 
 def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):
     """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts."""
-    pieces = [engine.tokenizer.decode([token.token_id]) for token in tokens]
+    pieces = [engine.token_text(token.token_id) for token in tokens]
     result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
         result["tokens"].append(first_token)
@@ -327,7 +327,7 @@ def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int
     for token, piece in zip(tokens, pieces, strict=True):
         result["tokens"].append(piece)
         result["token_logprobs"].append(token.logprob)
-        result["top_logprobs"].append({engine.tokenizer.decode([t]): lp for t, lp in token.top})
+        result["top_logprobs"].append({engine.token_text(t): lp for t, lp in token.top})
         result["text_offset"].append(offset)
         offset += len(piece)
     return result
@@ -413,7 +413,7 @@ def chat_prompt_ids(engine: Engine, request: ChatTemplateControls) -> list[int]:
 
 def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        piece = engine.tokenizer.decode([token_id])
+        piece = engine.token_text(token_id)
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     return {"content": [
