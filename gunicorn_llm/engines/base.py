@@ -172,6 +172,18 @@ class EngineDied(RuntimeError):
     """The engine cannot generate any more; the worker is replaced."""
 
 
+class TokenTexts(dict):
+    """token id -> its text alone, decoded on first use (a dict: a lookup is one C call)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
 class Engine(ABC):
     """Subclasses call `step_taken()` once per generation step and `die()` when their loop cannot go on."""
 
@@ -220,16 +232,16 @@ class Engine(ABC):
     def running(self) -> int:
         """Sequences the engine is generating now (each choice counts): the capacity in use."""
 
-    def token_text(self, token_id: int) -> str:
-        """One token's text, as `tokenizer.decode([token_id])` gives it, remembered: a scored prompt's logprobs name
-        each of its hundreds of tokens and their alternatives, and each decode costs microseconds of Python under the
-        worker's one interpreter lock (half the HTTP layer's time for a scoring request, docs/benchmarks.md). At most
-        one entry per token of the vocabulary."""
-        texts = self.__dict__.setdefault("_token_texts", {})
-        text = texts.get(token_id)
-        if text is None:
-            text = texts[token_id] = self.tokenizer.decode([token_id])
-        return text
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Each token's text, as `tokenizer.decode([token_id])` gives it, remembered (`engine.token_texts[id]`): a
+        scored prompt's logprobs name each of its hundreds of tokens and their alternatives, and each decode costs
+        microseconds of Python under the worker's one interpreter lock (most of the HTTP layer's time for a scoring
+        request, docs/benchmarks.md). At most one entry per token of the vocabulary."""
+        texts = self.__dict__.get("_token_texts")
+        if texts is None:
+            texts = self.__dict__["_token_texts"] = TokenTexts(self.tokenizer)
+        return texts
 
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""

@@ -163,7 +163,7 @@ def encode_text(engine: Engine, text: str, add_special_tokens: bool = True, para
 
 def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
     vocab = len(engine.tokenizer)
-    if any(not 0 <= token < vocab for token in ids):
+    if ids and (min(ids) < 0 or max(ids) >= vocab):
         raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}", param)
 
 

@@ -12,6 +12,7 @@ Fields of OpenAI's and vLLM's requests that the server does not honour are refus
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -309,27 +310,22 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tupl
     if params.logprobs is None:
         return text, None
     scored = engine.prompt_logprobs([prompt_ids], top=params.logprobs, deadline=deadline())[0]
-    first = engine.token_text(prompt_ids[0])
+    first = engine.token_texts[prompt_ids[0]]
     logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
     return text, logprobs
 
 
 def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):
     """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts."""
-    pieces = [engine.token_text(token.token_id) for token in tokens]
-    result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    texts = engine.token_texts
+    pieces = [texts[token.token_id] for token in tokens]
+    result = {"tokens": pieces, "token_logprobs": [token.logprob for token in tokens],
+              "top_logprobs": [{texts[t]: lp for t, lp in token.top} for token in tokens]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
-        result["tokens"].append(first_token)
-        result["token_logprobs"].append(None)
-        result["top_logprobs"].append(None)
-        result["text_offset"].append(offset)
-        offset += len(first_token)
-    for token, piece in zip(tokens, pieces, strict=True):
-        result["tokens"].append(piece)
-        result["token_logprobs"].append(token.logprob)
-        result["top_logprobs"].append({engine.token_text(t): lp for t, lp in token.top})
-        result["text_offset"].append(offset)
-        offset += len(piece)
+        pieces.insert(0, first_token)
+        result["token_logprobs"].insert(0, None)
+        result["top_logprobs"].insert(0, None)
+    result["text_offset"] = list(itertools.accumulate(map(len, pieces[:-1]), initial=offset)) if pieces else []
     return result
 
 
@@ -413,7 +409,7 @@ def chat_prompt_ids(engine: Engine, request: ChatTemplateControls) -> list[int]:
 
 def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        piece = engine.token_text(token_id)
+        piece = engine.token_texts[token_id]
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     return {"content": [
