@@ -42,7 +42,7 @@ from gunicorn_llm.engines.base import ChoiceUpdate, EngineDied, GenerationStream
 from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_matcher
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
-from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, fills_passes, score_jobs, take_arriving
+from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
 from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
@@ -210,8 +210,8 @@ class BatchedGenerate(BatchingPath):
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            if any(isinstance(job, ScoreJob) for job in jobs) and not fills_passes(jobs):
-                jobs += take_arriving(self._jobs)  # the rest of a scoring burst is on its way
+            if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
+                jobs += take_arriving(self._jobs)
             with self.beside.paused() if self.beside else contextlib.nullcontext():
                 scoring = [job for job in jobs if isinstance(job, ScoreJob)]
                 if scoring:

@@ -69,9 +69,6 @@ SCORING_MEMORY_SHARE = 0.5
 # not share their context.
 GATHER_GAP_S = 0.02
 GATHER_MAX_S = 0.1
-# ... unless the jobs taken hold this many prompt tokens already (a few passes' worth before sharing): a client that
-# keeps many requests in flight keeps the queue full, and would otherwise pay the whole window every round.
-FULL_BATCH_TOKENS = 4 * SCORING_TOKEN_BUDGET
 # The most top alternatives a request may ask for (request_schema: logprobs <= 20), kept per scored prompt's next token
 NEXT_TOKEN_TOP = 20
 NEXT_TOKEN_PROMPTS = 1024
@@ -131,13 +128,6 @@ def take_arriving(jobs: queue.Queue, gap_s: float = GATHER_GAP_S, max_s: float =
         except queue.Empty:
             break
     return taken
-
-
-def fills_passes(jobs: list) -> bool:
-    """Whether the scoring jobs taken already hold FULL_BATCH_TOKENS prompt tokens: then no gathering window (the
-    device would wait while passes are ready to run)."""
-    tokens = sum(len(ids) for job in jobs if isinstance(job, ScoreJob) for ids in job.prompts)
-    return tokens >= FULL_BATCH_TOKENS
 
 
 @dataclass
