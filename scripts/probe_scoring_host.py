@@ -12,7 +12,7 @@ CPU:
 - HTTP: the `/v1/completions` route through Flask's test client (validation, tokenizing, the echoed logprobs object,
   JSON, metrics) over the same engine whose scoring answers from the results already computed, and the one-token
   answer after it (`max_tokens: 1`, answered from the scoring). Timed on a second round of the same requests: a
-  long evaluation's steady state (the token texts remembered, Engine.token_text).
+  long evaluation's steady state (the token texts remembered, Engine.token_texts).
 
 Prints milliseconds per request for each (wall clock and this process's CPU time, all threads) and, with --profile,
 cProfile's top functions of each part.
