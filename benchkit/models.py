@@ -12,6 +12,9 @@ from pathlib import Path
 
 SHAPES = {  # SmolLM2 sizes; 135m is the embedded model's own config; 8b: a Llama-3-8B-sized one (grouped KV heads)
     "135m": {},
+    # the real vocabulary over a model whose layers cost next to nothing: the host-side costs of a GPU, on a CPU
+    "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "head_dim": 32},
     "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
              "num_key_value_heads": 32, "head_dim": 64},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,

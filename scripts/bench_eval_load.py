@@ -17,7 +17,8 @@ Targets: NAME=URL for an OpenAI-compatible server (this server with either engin
 `--hf MODEL_DIR` for lm-eval's `HFLM` (batch_size auto, bf16 on a GPU) on the same requests in this process. Prints
 one row per target: seconds for the log-likelihoods, for the generations, in all, and the first target's time over
 this one's (above 1: faster). The chosen options' agreement with the first target is printed too (the argmax of
-the four log-likelihoods per item), a check that every target scored the same thing.
+the four log-likelihoods per item), a check that every target scored the same thing, and then each item chosen
+differently, with the margins by which each side preferred its option (a near-tie or not).
 
 Usage: python scripts/bench_eval_load.py --tokenizer MODEL_DIR --url ours=http://127.0.0.1:5002 \\
            --url vllm=http://127.0.0.1:8000 --hf MODEL_DIR [--items 1000] [--generations 200] [--concurrency 64]
@@ -26,45 +27,20 @@ Usage: python scripts/bench_eval_load.py --tokenizer MODEL_DIR --url ours=http:/
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchkit
+from benchkit.eval_load import STOP, Load, loglikelihood_body, make_load  # noqa: E402
 from benchkit.load import send_all  # noqa: E402
-
-LOGLIKELIHOOD = {"max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
-STOP = "\n\n"
-
-
-@dataclass(frozen=True)
-class Load:
-    choices: list[tuple[str, list[str]]]  # (context, 4 options)
-    prompts: list[str]  # generate-until prompts
-
-
-def make_load(tokenizer, items: int, generations: int, seed: int, fewshot: int = 0) -> Load:
-    rng = random.Random(seed)
-    vocab = range(100, tokenizer.vocab_size - 100)
-
-    def text(length: int) -> str:
-        return tokenizer.decode([rng.choice(vocab) for _ in range(length)])
-
-    choices = [(text(rng.randint(100, 500)), [" " + text(rng.randint(1, 8)).strip() for _ in range(4)])
-               for _ in range(items)]
-    prompts = [text(200) for _ in range(generations)]
-    shots = "".join(f"{text(rng.randint(30, 80))} {text(rng.randint(1, 8)).strip()}\n\n" for _ in range(fewshot))
-    return Load([(shots + context, options) for context, options in choices], [shots + prompt for prompt in prompts])
 
 
 def option_loglikelihood(url: str, model: str | None, context: str, option: str, session) -> float:
     """As lm-eval's local-completions: the echoed prompt's token log-probabilities after the context's tokens."""
-    body = {"prompt": context + option, **LOGLIKELIHOOD, **({"model": model} if model else {})}
-    answer = session.post(f"{url}/v1/completions", json=body, timeout=600)
+    answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(context, option, model), timeout=600)
     answer.raise_for_status()
     logprobs = answer.json()["choices"][0]["logprobs"]
     offsets, values = logprobs["text_offset"], logprobs["token_logprobs"]
@@ -91,7 +67,7 @@ def run_server(url: str, model: str | None, load: Load, options) -> tuple[float,
     scored = time.perf_counter()
     send_all(lambda client, prompt: generate_until(url, model, prompt, options.max_gen_tokens, sessions[client]),
              load.prompts, options.concurrency)
-    return scored - started, time.perf_counter() - scored, _choices(scores)
+    return scored - started, time.perf_counter() - scored, scores
 
 
 def run_hf(model_dir: str, load: Load, options) -> tuple[float, float, list[int]]:
@@ -111,11 +87,26 @@ def run_hf(model_dir: str, load: Load, options) -> tuple[float, float, list[int]
     scores = [loglikelihood for loglikelihood, _ in lm.loglikelihood(pairs)]
     scored = time.perf_counter()
     lm.generate_until(prompts)
-    return scored - started, time.perf_counter() - scored, _choices(scores)
+    return scored - started, time.perf_counter() - scored, scores
 
 
 def _choices(scores: list[float]) -> list[int]:
     return [max(range(4), key=lambda k: scores[i + k]) for i in range(0, len(scores), 4)]
+
+
+def print_differing(results: dict) -> None:
+    """For each item where a target chose another option than the first target: each target's margin between the
+    first target's choice and its own (0 where they agree), in nats. A margin far below the differences between
+    the targets' numerics (bf16 kernels, float32 rounding) is a near-tie, not a scoring error."""
+    first_name, (*_, first_scores) = next(iter(results.items()))
+    first_choices = _choices(first_scores)
+    for name, (*_, scores) in list(results.items())[1:]:
+        for item, (theirs, ours) in enumerate(zip(_choices(scores), first_choices, strict=True)):
+            if theirs != ours:
+                at = 4 * item
+                print(f"item {item}: {name} chose option {theirs} by {scores[at + theirs] - scores[at + ours]:.2e} "
+                      f"nats over option {ours}, which {first_name} chose by "
+                      f"{first_scores[at + ours] - first_scores[at + theirs]:.2e}", flush=True)
 
 
 def main() -> None:
@@ -147,10 +138,14 @@ def main() -> None:
     print("| target | log-likelihoods (s) | generations (s) | total (s) | first / this | same choices as first |")
     print("| --- | --- | --- | --- | --- | --- |")
     first = next(iter(results.values()), None)
-    for name, (scoring, generating, chosen) in results.items():
-        agree = sum(a == b for a, b in zip(chosen, first[2], strict=True))
+    for name, (scoring, generating, scores) in results.items():
+        chosen = _choices(scores)
+        agree = sum(a == b for a, b in zip(chosen, _choices(first[2]), strict=True))
         print(f"| {name} | {scoring:.1f} | {generating:.1f} | {scoring + generating:.1f} | "
               f"{(first[0] + first[1]) / (scoring + generating):.2f} | {agree}/{len(chosen)} |")
+    if results:
+        print()
+        print_differing(results)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from gunicorn_llm.engines.base import EngineBusy
 from scripted_engine import ScriptedEngine, scripted_client, scripted_client_of
 
 pytestmark = pytest.mark.inprocess
@@ -254,12 +255,29 @@ def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(
     choice = answer["choices"][0]
     assert choice["text"] == "Hello there" and choice["finish_reason"] == "length"
     assert choice["logprobs"]["token_logprobs"] == [None] + [ScriptedEngine.SCORED_LOGPROB] * (len(prompt_ids) - 1)
+    pieces = [tokenizer.decode([token]) for token in prompt_ids]
+    assert choice["logprobs"]["tokens"] == pieces
+    assert choice["logprobs"]["text_offset"] == [len("".join(pieces[:i])) for i in range(len(pieces))]
     assert answer["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
                                "total_tokens": len(prompt_ids)}
     chunks = [json.loads(event.removeprefix(b"data: "))
               for event in sse_events(client.post("/v1/completions", json={**body, "stream": True}))[:-1]]
     assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == "Hello there"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_engine_without_memory_for_a_prompt_now_answers_503_to_retry(tokenizer):
+
+    class Busy(ScriptedEngine):
+        def prompt_logprobs(self, prompts, top=0, deadline=None):
+            raise EngineBusy("out of memory scoring 900 tokens of this prompt now; retry later")
+
+    client = scripted_client_of(Busy(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]]))
+    response = client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 0, "echo": True,
+                                                    "logprobs": 0})
+    error = error_of(response, 503)
+    assert error["type"] == "service_unavailable" and "out of memory scoring" in error["message"]
+    assert response.headers["Retry-After"] == "1"
 
 
 def test_max_tokens_0_without_echo_is_a_400(client):

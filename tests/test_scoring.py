@@ -5,8 +5,9 @@ Covered: prompts sharing a context (a question's options) and a few-shot prefix 
 tokens once, and every prompt's log-probabilities and top alternatives equal one forward pass of it alone; the same
 within a token budget small enough to split every level over several passes, and with sharing off (a model whose
 attention is not plain causal); duplicate prompts, a prompt that is another's prefix, a one-token prompt and jobs
-asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; the batching
-thread's short wait for the rest of a burst. Through the
+asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; a pass out of
+memory runs in halves, and only a prompt that cannot run alone fails (EngineBusy); the batching thread's short wait
+for the rest of a burst. Through the
 engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
 `generate`'s token and log-probabilities; other requests still generate.
 """
@@ -152,6 +153,38 @@ def test_a_failing_pass_fails_only_the_jobs_in_it(model, tokenizer, monkeypatch)
         jobs[0].result.result(0)
     monkeypatch.undo()
     assert_equal_alone(model, short, jobs[1].result.result(0)[0], 0)
+
+
+def test_out_of_memory_splits_the_pass_and_fails_only_what_cannot_run_alone(model, tokenizer, monkeypatch):
+    """A pass that runs out of memory runs in halves, down to one segment: with room for 128 new tokens a pass, every
+    prompt is scored (equal to its own pass) except the one too long to run alone, whose job alone gets EngineBusy;
+    the next batch scores it once the memory is there."""
+    from gunicorn_llm.engines.base import EngineBusy
+
+    room = 128
+    prompts = eval_prompts(tokenizer)
+    long = tokenizer("Once upon a time, in a land far away, " * 20)["input_ids"]
+    assert len(long) > room >= max(map(len, prompts)) - len(tokenizer(FEWSHOT)["input_ids"])
+    jobs = [ScoreJob([ids], top=1) for ids in prompts] + [ScoreJob([long], top=1)]
+    forward = model.forward
+
+    def within_room(*args, **kwargs):
+        if kwargs["input_ids"].numel() > room:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", within_room)
+    with Passes(model) as passes:
+        score_jobs(model, tokenizer.pad_token_id, jobs)
+    monkeypatch.undo()
+    assert any(rows * width > room for rows, width, _ in passes.shapes)  # tried whole first, then split
+    for job, ids in zip(jobs, prompts, strict=False):
+        assert_equal_alone(model, ids, job.result.result(0)[0], 1)
+    with pytest.raises(EngineBusy, match="out of memory scoring"):
+        jobs[-1].result.result(0)
+    again = ScoreJob([long], top=1)
+    score_jobs(model, tokenizer.pad_token_id, [again])
+    assert_equal_alone(model, long, again.result.result(0)[0], 1)
 
 
 @pytest.fixture(scope="module")

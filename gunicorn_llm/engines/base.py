@@ -53,6 +53,11 @@ class DeadlineExceeded(Exception):
     """A generation ran past its request's deadline."""
 
 
+class EngineBusy(Exception):
+    """The engine cannot serve this request now (e.g. out of memory for it beside the others); it serves later ones,
+    and the client may retry (a 503)."""
+
+
 class ClientGone(Exception):
     """The client that asked for a generation disconnected before its answer."""
 
@@ -168,6 +173,18 @@ class EngineDied(RuntimeError):
     """The engine cannot generate any more; the worker is replaced."""
 
 
+class TokenTexts(dict):
+    """token id -> its text alone, decoded on first use (a dict: a lookup is one C call)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
 class Engine(ABC):
     """Subclasses call `step_taken()` once per generation step and `die()` when their loop cannot go on."""
 
@@ -217,6 +234,17 @@ class Engine(ABC):
     @abstractmethod
     def running(self) -> int:
         """Sequences the engine is generating now (each choice counts): the capacity in use."""
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Each token's text, as `tokenizer.decode([token_id])` gives it, remembered (`engine.token_texts[id]`): a
+        scored prompt's logprobs name each of its hundreds of tokens and their alternatives, and each decode costs
+        microseconds of Python under the worker's one interpreter lock (most of the HTTP layer's time for a scoring
+        request, docs/benchmarks.md). At most one entry per token of the vocabulary."""
+        texts = self.__dict__.get("_token_texts")
+        if texts is None:
+            texts = self.__dict__["_token_texts"] = TokenTexts(self.tokenizer)
+        return texts
 
     def describe(self) -> dict:
         """What `/ready` reports about the engine."""

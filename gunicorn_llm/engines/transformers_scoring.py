@@ -13,7 +13,15 @@ prompt alone within 1e-5).
 
 Log-probabilities come from the logits a chunk of positions at a time: the chosen token's logit and the top-k, less
 the position's logsumexp, and the chosen token's rank (vLLM's: how many tokens are at least as likely); no
-log-softmax over the vocabulary is built. The last position of every prompt gives the
+log-softmax over the vocabulary is built. A pass's numbers stay on the device until the
+pass is done and cross to the host in one copy: on a GPU the model's compute is cheap, and a copy (a wait for the
+device) and a Python loop per chunk or per position would bound the requests a second.
+
+Memory: on CUDA a pass's new tokens and a chunk's positions are bounded by the memory free when they start (what
+the device has free plus what torch's allocator holds unused), so that scoring beside a full KV cache or other
+processes on the GPU plans within what is there. A pass that still runs out of memory is split in two and each half
+retried, down to one segment; the jobs of a segment that cannot run alone fail with `EngineBusy` (a 503 to retry),
+and every other job, and every later request, goes on. The last position of every prompt gives the
 distribution of the token after it too: `NextTokens` keeps its top entries, and the engine answers a greedy
 one-token generation of that prompt from them (lm-evaluation-harness asks for one right after the echoed
 log-probabilities) instead of a second pass over the prompt.
@@ -36,21 +44,28 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from gunicorn_llm.engines.base import ChoiceUpdate, GenerationStream, TokenLogprob
+from gunicorn_llm.engines.base import ChoiceUpdate, EngineBusy, GenerationStream, TokenLogprob
 from gunicorn_llm.engines.transformers_sampling import has_penalties
 from gunicorn_llm.engines.transformers_slots import supports
 from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 
-# New tokens per forward pass (rows x widest segment): bounds the logits tensor (tokens x vocabulary) in memory.
+# New tokens per forward pass (rows x widest segment) at most: bounds the logits tensor (tokens x vocabulary) in memory;
+# on CUDA less where the free memory is less (pass_token_budget).
 SCORING_TOKEN_BUDGET = 4096
 # Rows x (gathered cache width + widest segment) per pass: bounds the parents' keys and values copied side by side.
 CACHED_TOKENS_PER_NEW_TOKEN = 8
 # A shared prefix gets a segment of its own (one more pass per tree level) when it saves this many positions.
 MIN_SHARED_TOKENS = 32
-# Positions whose log-probabilities are taken at once: bounds the float32 copy of their logits.
+# Positions whose log-probabilities are taken at once: bounds the float32 copy of their logits (and its exp). On CUDA
+# as many as the free memory allows, up to MAX_POSITIONS_PER_CHUNK (fewer kernel launches); elsewhere
+# POSITIONS_PER_CHUNK.
 POSITIONS_PER_CHUNK = 128
+MAX_POSITIONS_PER_CHUNK = 4096
+# The share of the free device memory that a pass's plan, or a chunk's float32 copies, may count on: the rest is left
+# for what the estimates leave out (the layers' activations, the allocator's rounding) and the other threads' work.
+SCORING_MEMORY_SHARE = 0.5
 # After a scoring job is taken, jobs arriving less than GATHER_GAP_S apart (for GATHER_MAX_S at most) join it: a
 # client's burst (a question's options) reaches the queue over a few milliseconds, and scored apart its options would
 # not share their context.
@@ -178,9 +193,10 @@ class _Segment:
         return all(prompt.failed for prompt in self.prompts)
 
 
-def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int = SCORING_TOKEN_BUDGET) -> None:
+def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int | None = None) -> None:
     """Score every prompt of `jobs` in shared forward passes and set each job's result (or its error: a pass that
-    fails fails the jobs with prompts in it, and the others go on)."""
+    fails fails the jobs with prompts in it, and the others go on). `token_budget`: new tokens per pass at most
+    (default: pass_token_budget, from the memory free now)."""
     prompts: dict[tuple[int, ...], _Prompt] = {}
     for job in jobs:
         for index, ids in enumerate(job.prompts):
@@ -194,19 +210,10 @@ def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int
     level = _plan(scored, min_shared)
     parents: list[_Segment] = []  # the shared prefixes the level runs over
     while level:
-        passes = list(_chunks_within(_in_pass_order(level), token_budget))
+        passes = list(_chunks_within(_in_pass_order(level), token_budget or pass_token_budget(model)))
         level = []
         for chunk in passes:
-            chunk = [segment for segment in chunk if not segment.failed]
-            if not chunk:
-                continue
-            try:
-                _run_pass(model, pad_token_id, chunk)
-            except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
-                log.exception("scoring %d segments failed", len(chunk))
-                _fail(chunk, error)
-                continue
-            level.extend(child for segment in chunk for child in segment.children)
+            level.extend(_run_or_split(model, pad_token_id, chunk))
         for parent in parents:  # their children have gathered what they needed
             parent.cache = None
         parents = {id(segment.parent): segment.parent for segment in level}.values()
@@ -226,12 +233,83 @@ def _prompt_entries(prompt: _Prompt, top: int) -> list[TokenLogprob]:
     return [entry if len(entry.top) == top else dataclasses.replace(entry, top=entry.top[:top]) for entry in entries]
 
 
+def _run_or_split(model, pad_token_id: int, segments: list[_Segment]) -> list[_Segment]:
+    """Run the segments' pass and return their children (the next level's segments). Out of memory, each half runs on
+    its own, down to one segment, whose jobs then fail alone (EngineBusy); any other error fails the jobs with
+    prompts in the pass."""
+    segments = [segment for segment in segments if not segment.failed]
+    if not segments:
+        return []
+    try:
+        _run_pass(model, pad_token_id, segments)
+        return [child for segment in segments for child in segment.children]
+    except torch.OutOfMemoryError:
+        pass  # split below, once this exception (whose traceback holds the pass's tensors) is gone
+    except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
+        log.exception("scoring %d segments failed", len(segments))
+        _fail(segments, error)
+        return []
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the failed pass's blocks, for the other processes on the GPU too
+    tokens = sum(len(segment.ids) for segment in segments)
+    if len(segments) == 1:
+        log.warning("scoring: %d new tokens over a cache of %d ran out of memory alone; its requests fail (503)",
+                    tokens, _cache_width(segments[0].parent))
+        _fail(segments, EngineBusy(f"out of memory scoring {tokens} tokens of this prompt now; retry later, or "
+                                   "send a shorter prompt"))
+        return []
+    log.warning("scoring: a pass of %d segments (%d new tokens) ran out of memory; running it in halves",
+                len(segments), tokens)
+    half = len(segments) // 2
+    return _run_or_split(model, pad_token_id, segments[:half]) + _run_or_split(model, pad_token_id, segments[half:])
+
+
 def _fail(segments: list[_Segment], error: Exception) -> None:
     for segment in segments:
         for prompt in segment.prompts:
             for job, _ in prompt.uses:
                 if not job.result.done():
                     job.result.set_exception(error)
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """What a pass may allocate on `device` now: the device's free memory and what torch's allocator holds unused;
+    None off CUDA (the host's memory is not planned for)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def pass_token_budget(model) -> int:
+    """New tokens per pass within SCORING_MEMORY_SHARE of the free memory: each new token takes its logits, its keys
+    and values (kept when it is a shared prefix) and its share of the parents' gathered cache
+    (CACHED_TOKENS_PER_NEW_TOKEN tokens of keys and values). SCORING_TOKEN_BUDGET at most, 1 at least (a segment
+    longer than the budget runs alone)."""
+    device = model.get_input_embeddings().weight.device
+    free = free_device_bytes(device)
+    if free is None:
+        return SCORING_TOKEN_BUDGET
+    config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
+    element = model.dtype.itemsize
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache_per_token = config.num_hidden_layers * 2 * heads * head_dim * element
+    logits_per_token = model.get_output_embeddings().weight.shape[0] * element
+    per_token = logits_per_token + (1 + CACHED_TOKENS_PER_NEW_TOKEN) * cache_per_token
+    return max(1, min(SCORING_TOKEN_BUDGET, int(free * SCORING_MEMORY_SHARE / per_token)))
+
+
+def _positions_per_chunk(logits: torch.Tensor) -> int:
+    """Positions whose float32 logits (and their exp in logsumexp, and top-k's work) fit in the memory share."""
+    free = free_device_bytes(logits.device)
+    if free is None:
+        return POSITIONS_PER_CHUNK
+    per_position = 3 * logits.shape[-1] * 4
+    return max(1, min(MAX_POSITIONS_PER_CHUNK, int(free * SCORING_MEMORY_SHARE / per_position)))
 
 
 # -- the plan: a prefix tree of segments ----------------------------------------------------------------------------
@@ -322,7 +400,8 @@ def _run_pass(model, pad_token_id: int, segments: list[_Segment]) -> None:
     parents = [segment.parent for segment in segments]
     cache, kv_mask = _gathered_cache(parents, device) if parents[0] is not None else (None, None)
     mask = new_mask if kv_mask is None else torch.cat([kv_mask, new_mask], dim=1)
-    positions = torch.tensor([[segment.start + i for i in range(width)] for segment in segments], device=device)
+    starts = torch.tensor([segment.start for segment in segments], device=device)
+    positions = starts[:, None] + torch.arange(width, device=device)
     keep = any(segment.children for segment in segments)
     output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=keep)
@@ -360,16 +439,20 @@ def _gathered_cache(parents: list[_Segment], device) -> tuple[DynamicCache, torc
 
 def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
     """Each segment's entries, its last position kept for its children (a shared prefix) or remembered as its
-    prompt's next token (a leaf)."""
+    prompt's next token (a leaf). The numbers cross to the host once per kind, for the whole pass."""
     rows, width, vocab = logits.shape
     flat = logits.view(rows * width, vocab)
     # every position but each segment's last predicts the segment's next token
-    body = [(row, i) for row, segment in enumerate(segments) for i in range(len(segment.ids) - 1)]
-    targets = [segments[row].prompts[0].ids[segments[row].start + i + 1] for row, i in body]
-    tops = [segments[row].top for row, _ in body]
-    entries = _entries(flat, [row * width + i for row, i in body], targets, tops)
+    positions, targets, tops = [], [], []
+    for row, segment in enumerate(segments):
+        count = len(segment.ids) - 1
+        positions.extend(range(row * width, row * width + count))
+        targets.extend(segment.prompts[0].ids[segment.start + 1 : segment.end])
+        tops.extend([segment.top] * count)
+    entries = _entries(flat, positions, targets, tops)
+    firsts = iter(_first_entries([segment for segment in segments if segment.parent is not None]))
     for segment in segments:
-        first = [] if segment.parent is None else [_first_entry(segment)]
+        first = [] if segment.parent is None else [next(firsts)]
         segment.entries = first + entries[: len(segment.ids) - 1]
         entries = entries[len(segment.ids) - 1 :]
     last_rows = [row * width + len(segment.ids) - 1 for row, segment in enumerate(segments)]
@@ -378,9 +461,10 @@ def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
     top_values, top_ids = last.topk(min(NEXT_TOKEN_TOP, vocab), dim=-1)
     top_values = (top_values - logsumexp[:, None]).tolist()
     top_ids = top_ids.tolist()
+    logsumexps = logsumexp.tolist()
     for row, segment in enumerate(segments):
         if segment.children:
-            segment.last_logits, segment.last_logsumexp = last[row], logsumexp[row].item()
+            segment.last_logits, segment.last_logsumexp = last[row], logsumexps[row]
             segment.last_top = list(zip(top_ids[row], top_values[row], strict=True))
         else:
             for job, _ in segment.prompts[0].uses:
@@ -389,37 +473,48 @@ def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
                     break
 
 
-def _first_entry(segment: _Segment) -> TokenLogprob:
-    """The segment's first token, from its parent's last position."""
-    parent = segment.parent
-    token = segment.prompts[0].ids[segment.start]
-    logit = parent.last_logits[token]
-    value = logit.item() - parent.last_logsumexp
-    rank = int((parent.last_logits >= logit).sum())
-    top = segment.top
-    if top > len(parent.last_top):
-        values, ids = parent.last_logits.topk(top)
-        alternatives = zip(ids.tolist(), (values - parent.last_logsumexp).tolist(), strict=True)
-        return TokenLogprob(token, value, tuple(alternatives), rank)
-    return TokenLogprob(token, value, tuple(parent.last_top[:top]), rank)
+def _first_entries(segments: list[_Segment]) -> list[TokenLogprob]:
+    """Each segment's first token, from its parent's last position (all of them gathered in one copy)."""
+    if not segments:
+        return []
+    last_logits = torch.stack([segment.parent.last_logits for segment in segments])
+    tokens = [segment.prompts[0].ids[segment.start] for segment in segments]
+    chosen = last_logits.gather(-1, torch.tensor(tokens, device=last_logits.device)[:, None])
+    ranks = (last_logits >= chosen).sum(dim=-1).tolist()  # vLLM's rank: tokens at least as likely
+    entries = []
+    for segment, token, logit, rank in zip(segments, tokens, chosen.squeeze(-1).tolist(), ranks, strict=True):
+        parent, top = segment.parent, segment.top
+        value = logit - parent.last_logsumexp
+        if top > len(parent.last_top):
+            values, ids = parent.last_logits.topk(top)
+            alternatives = tuple(zip(ids.tolist(), (values - parent.last_logsumexp).tolist(), strict=True))
+        else:
+            alternatives = tuple(parent.last_top[:top])
+        entries.append(TokenLogprob(token, value, alternatives, rank))
+    return entries
 
 
 def _entries(flat: torch.Tensor, positions: list[int], targets: list[int], tops: list[int]) -> list[TokenLogprob]:
-    """TokenLogprob of each position's target token and its top alternatives, a chunk of positions at a time."""
-    entries = []
-    for at in range(0, len(positions), POSITIONS_PER_CHUNK):
-        index = torch.tensor(positions[at : at + POSITIONS_PER_CHUNK], device=flat.device)
-        chunk_targets = targets[at : at + POSITIONS_PER_CHUNK]
-        chunk_tops = tops[at : at + POSITIONS_PER_CHUNK]
-        logits = flat[index].float()  # a copy of these positions only (index_select: 70x slower on CPU here)
-        logsumexp = torch.logsumexp(logits, dim=-1)
-        target_logits = logits.gather(-1, torch.tensor(chunk_targets, device=flat.device)[:, None])
-        chosen = (target_logits.squeeze(-1) - logsumexp).tolist()
-        ranks = (logits >= target_logits).sum(dim=-1).tolist()  # vLLM's rank: tokens at least as likely
-        top_values, top_ids = logits.topk(max(chunk_tops), dim=-1)
-        top_values = (top_values - logsumexp[:, None]).tolist()
-        entries.extend(
-            TokenLogprob(token, value, tuple(zip(ids[:top], values[:top], strict=True)), rank)
-            for token, value, ids, values, top, rank in zip(chunk_targets, chosen, top_ids.tolist(), top_values,
-                                                            chunk_tops, ranks, strict=False))
-    return entries
+    """TokenLogprob of each position's target token, its rank and its top alternatives: computed a chunk of
+    positions at a time on the device, copied to the host once."""
+    if not positions:
+        return []
+    index = torch.tensor(positions, device=flat.device)
+    target = torch.tensor(targets, device=flat.device)[:, None]
+    most = max(tops)
+    per_chunk = _positions_per_chunk(flat)
+    values, ids, ranks = [], [], []  # per chunk: [chosen, top values...] (log-probabilities), top ids, ranks
+    for at in range(0, len(positions), per_chunk):
+        logits = flat[index[at : at + per_chunk]].float()  # a copy of these positions only (index_select: 70x
+        logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)  # slower on CPU here)
+        top_values, top_ids = logits.topk(most, dim=-1)
+        chosen = logits.gather(-1, target[at : at + per_chunk])
+        ranks.append((logits >= chosen).sum(dim=-1))  # vLLM's rank: tokens at least as likely
+        values.append(torch.cat([chosen, top_values], dim=1) - logsumexp)
+        ids.append(top_ids)
+        del logits  # before the next chunk's copy
+    values = torch.cat(values).tolist()
+    ids = torch.cat(ids).tolist()
+    ranks = torch.cat(ranks).tolist()
+    return [TokenLogprob(token, row[0], tuple(zip(row_ids[:top], row[1 : top + 1], strict=True)), rank)
+            for token, row, row_ids, top, rank in zip(targets, values, ids, tops, ranks, strict=True)]

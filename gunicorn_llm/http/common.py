@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from gunicorn_llm.engines.base import DeadlineExceeded, Engine
+from gunicorn_llm.engines.base import DeadlineExceeded, Engine, EngineBusy
 from gunicorn_llm.engines.generation import TextGeneration
 from gunicorn_llm.engines.token_controls import bad_words_token_ids
 from gunicorn_llm.http.unhonoured_fields import UNHONOURED, refuse_unhonoured
@@ -74,13 +74,18 @@ def deadline() -> float:
 
 
 def as_http_error(error: Exception) -> RequestError:
-    """What the client is told of an error: a request error as it is, a past deadline as a 504, anything else (the
-    engine failed mid-generation) as a 500 that names it, logged with its traceback."""
+    """What the client is told of an error: a request error as it is, a past deadline as a 504, an engine busy for
+    it now as a 503 to retry, anything else (the engine failed mid-generation) as a 500 that names it, logged with
+    its traceback."""
     if isinstance(error, RequestError):
         return error
     if isinstance(error, DeadlineExceeded):
         return RequestError(f"the request took longer than its {current_app.config['REQUEST_TIMEOUT']:g} s "
                             "deadline; its generation was stopped", None, status=504, error_type="timeout_error")
+    if isinstance(error, EngineBusy):
+        log.warning("request %s %s: %s", request.method, request.path, error)
+        return RequestError(str(error), None, status=503, error_type="service_unavailable",
+                            headers={"Retry-After": "1"})
     log.error("request %s %s failed", request.method, request.path, exc_info=error)
     return RequestError(f"inference failed: {type(error).__name__}: {error}", None, status=500,
                         error_type="internal_error")
@@ -159,8 +164,9 @@ def encode_text(engine: Engine, text: str, add_special_tokens: bool = True, para
 
 def check_token_ids(engine: Engine, ids: Iterable[int], param: str) -> None:
     vocab = len(engine.tokenizer)
-    outside = [token for token in ids if not 0 <= token < vocab]
-    if outside:
+    ids = ids if isinstance(ids, list) else list(ids)
+    if ids and (min(ids) < 0 or max(ids) >= vocab):  # in C: a prompt's ids are checked on every request
+        outside = [token for token in ids if not 0 <= token < vocab]
         named = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
         raise RequestError(f"{param}: token ids must be between 0 and {vocab - 1}, not {named}", param)
 
@@ -169,7 +175,7 @@ def check_token_controls(engine: Engine, params: SamplingParams, prefix: str = "
     """Token ids the model does not have, and bad words vLLM would refuse, are the client's 400 before the request is
     admitted; the field is named after `prefix` (e.g. `params.`)."""
     if params.logit_bias:
-        check_token_ids(engine, (token for token, _ in params.logit_bias), f"{prefix}logit_bias")
+        check_token_ids(engine, [token for token, _ in params.logit_bias], f"{prefix}logit_bias")
     if params.allowed_token_ids:
         check_token_ids(engine, params.allowed_token_ids, f"{prefix}allowed_token_ids")
     if params.bad_words:

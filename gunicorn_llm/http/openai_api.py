@@ -13,6 +13,7 @@ Fields of OpenAI's and vLLM's requests that the server does not honour are refus
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -380,7 +381,7 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored:
     text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=params.skip_special_tokens)
     if params.logprobs is None:
         return text, None
-    first = engine.tokenizer.decode(prompt_ids[:1])
+    first = engine.token_texts[prompt_ids[0]]
     # the prompt may have been scored with more alternatives, for prompt_logprobs
     scored = [replace(entry, top=entry.top[: params.logprobs]) for entry in scored]
     logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
@@ -396,27 +397,22 @@ def _prompt_logprobs(engine: Engine, scored: list[TokenLogprob], top: int) -> li
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
         ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
         positions.append({str(token): {"logprob": max(logprob, -9999.0), "rank": rank,
-                                       "decoded_token": engine.tokenizer.decode([token])}
+                                       "decoded_token": engine.token_texts[token]}
                           for token, (logprob, rank) in ranked.items()})
     return positions
 
 
 def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):
     """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts."""
-    pieces = [engine.tokenizer.decode([token.token_id]) for token in tokens]
-    result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    texts = engine.token_texts
+    pieces = [texts[token.token_id] for token in tokens]
+    result = {"tokens": pieces, "token_logprobs": [token.logprob for token in tokens],
+              "top_logprobs": [{texts[t]: lp for t, lp in token.top} for token in tokens]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
-        result["tokens"].append(first_token)
-        result["token_logprobs"].append(None)
-        result["top_logprobs"].append(None)
-        result["text_offset"].append(offset)
-        offset += len(first_token)
-    for token, piece in zip(tokens, pieces, strict=True):
-        result["tokens"].append(piece)
-        result["token_logprobs"].append(token.logprob)
-        result["top_logprobs"].append({engine.tokenizer.decode([t]): lp for t, lp in token.top})
-        result["text_offset"].append(offset)
-        offset += len(piece)
+        pieces.insert(0, first_token)
+        result["token_logprobs"].insert(0, None)
+        result["top_logprobs"].insert(0, None)
+    result["text_offset"] = list(itertools.accumulate(map(len, pieces[:-1]), initial=offset)) if pieces else []
     return result
 
 
@@ -505,7 +501,7 @@ def chat_prompt_ids(engine: Engine, request: ChatTemplateControls, tools: list[d
 
 def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        piece = engine.tokenizer.decode([token_id])
+        piece = engine.token_texts[token_id]
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     return {"content": [
