@@ -210,9 +210,9 @@ class SamplingParams(BaseModel):
     @field_validator("bad_words", mode="before")
     @classmethod
     def _bad_words_as_tuple(cls, value: Any) -> Any:
-        if isinstance(value, list):
+        if isinstance(value, list) and all(isinstance(word, str) for word in value):
             return tuple(dict.fromkeys(value)) or None  # as vLLM: repeats dropped, none given is no list
-        return value
+        return _list_to_tuple(value)  # anything else is refused by the field's type
 
     @field_validator("min_tokens")
     @classmethod

@@ -257,6 +257,7 @@ def test_token_controls_are_kept_and_said_to_be_asked_for():
     ({"allowed_token_ids": [1, -2]}, "params.allowed_token_ids.1"),
     ({"bad_words": "Paris"}, "params.bad_words"),
     ({"bad_words": ["ok", ""]}, "params.bad_words.1"),
+    ({"bad_words": [{}]}, "params.bad_words.0"),  # not a 500 (an unhashable word, found by the fuzz test)
     ({"min_tokens": -1}, "params.min_tokens"),
     ({"min_tokens": 17}, "params.min_tokens"),  # above max_tokens' default, 16
     ({"min_tokens": 5, "max_tokens": 4}, "params.min_tokens"),
