@@ -95,6 +95,17 @@ def kept_alive(server: Server):
     assert server.process.poll() is None, f"the server exited during the test:\n{server.log()[-3000:]}"
 
 
+@pytest.fixture
+def server_alive(request):
+    """For a server module (`pytestmark = [..., pytest.mark.usefixtures("server_alive")]`): each test that uses the
+    module's `server` fixture starts and ends with that server up; the module's other tests run as they are."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    with kept_alive(request.getfixturevalue("server")):
+        yield
+
+
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
     """Start servers with launcher arguments; every one is stopped when the module ends."""

@@ -19,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from conftest import kept_alive, plain_generate
+from conftest import plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: 2018-..." (no end-of-sequence within 16)
@@ -27,18 +27,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 HTTP_TIMEOUT = 120  # seconds for any single request; every test is also bounded by pytest-timeout
 
 # Both engines answer the same tests. The server fixture's setup counts towards the first test's limit.
-pytestmark = pytest.mark.timeout(480)
+pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("server_alive")]
 
 
 @pytest.fixture(scope="module")
 def server(engine_server):
     return engine_server
-
-
-@pytest.fixture(autouse=True)
-def server_alive(server):
-    with kept_alive(server):
-        yield
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from conftest import kept_alive, plain_generate
+from conftest import plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 120
@@ -40,7 +40,7 @@ CHOICES = ["yes", "no", "maybe"]
 PHONE = r"[0-9]{3}-[0-9]{4}"
 GRAMMAR = 'root ::= "The answer is " ("red" | "green" | "blue") "."'
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("server_alive")]
 
 
 class Capital(BaseModel):
@@ -55,16 +55,6 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "capital", 
 @pytest.fixture(scope="module")
 def server(engine_server):
     return engine_server
-
-
-@pytest.fixture(autouse=True)
-def server_alive(request):
-    """Each server test starts (and ends) with the server up: a server that died fails loudly, with its log."""
-    if "server" not in request.fixturenames:
-        yield
-        return
-    with kept_alive(request.getfixturevalue("server")):
-        yield
 
 
 @pytest.fixture

@@ -27,13 +27,13 @@ import pytest
 import requests
 import torch
 
-from conftest import FLOAT32_SCORING, kept_alive, plain_generate
+from conftest import FLOAT32_SCORING, plain_generate
 
 HTTP_TIMEOUT = 120
 PROMPT = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: 2018-01-22 ..."
 SCORED = "Question: Which metal is liquid at room temperature?\nAnswer: mercury"
 
-pytestmark = pytest.mark.timeout(480)
+pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("server_alive")]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +66,6 @@ def generate_with_bad_words(reference_model, prompt: str, words: list[str], max_
 @pytest.fixture(scope="module")
 def server(engine_server):
     return engine_server
-
-
-@pytest.fixture(autouse=True)
-def server_alive(request):
-    if "server" not in request.fixturenames:
-        yield
-        return
-    with kept_alive(request.getfixturevalue("server")):
-        yield
 
 
 def completion(server, **body) -> dict:

@@ -20,8 +20,6 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import kept_alive
-
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 300  # a shared 2-core machine under load: 1 s a token was seen
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,18 +34,12 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "The
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # the qwen3 parser then reads no reasoning
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("server_alive")]
 
 
 @pytest.fixture(scope="module")
 def server(engine_server):
     return engine_server
-
-
-@pytest.fixture(autouse=True)
-def server_alive(server):
-    with kept_alive(server):
-        yield
 
 
 @pytest.fixture
