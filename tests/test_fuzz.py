@@ -1,4 +1,4 @@
-"""Schemathesis against a live server, through the OpenAPI document of the route table (gunicorn_llm/http/protocol.py).
+"""Schemathesis against a live server, through the OpenAPI document of the route table (gunicorn_llm/http/protocol/).
 
 The document itself (valid OpenAPI 3.1, every route of the app in it) is checked in-process by tests/test_protocol.py.
 Here one real server (transformers engine, 1 CPU worker) is fuzzed through it: schemathesis generates valid and

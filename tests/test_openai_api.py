@@ -422,7 +422,7 @@ def asks_for_something(no_ops: tuple):
 def test_every_field_of_vllms_request_models_is_honoured_or_refused_with_a_400_naming_it(server, route):
     import importlib
 
-    from gunicorn_llm.http.openai_api import ChatCompletionRequest, CompletionRequest
+    from gunicorn_llm.http.protocol import ChatCompletionRequest, CompletionRequest
     from gunicorn_llm.http.unhonoured_fields import UNHONOURED
 
     body, module, name = ROUTE_BODIES[route]

@@ -1,4 +1,4 @@
-"""The wire protocol (gunicorn_llm/http/protocol.py) against the app that serves it, in-process.
+"""The wire protocol (gunicorn_llm/http/protocol/) against the app that serves it, in-process.
 
 The route table is the app's: every public route of Flask's url_map is in it and nothing else. The OpenAPI document
 generated from it is valid OpenAPI 3.1, its `$ref`s resolve, and it takes the requests the docs show. Real answers

@@ -18,79 +18,17 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from flask import current_app
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ValidationError
 
 from gunicorn_llm.engines.base import Engine
+from gunicorn_llm.http.protocol import FunctionDefinition, NamedToolChoice, Tool, ToolFields
 from gunicorn_llm.request_schema import RequestError, StructuredOutputs, as_request_error
 
 OUTPUT_PARSER_KEY = "llm_output_parser"  # app.extensions: vLLM's Parser class, or None
 AUTO_TOOL_CHOICE_KEY = "ENABLE_AUTO_TOOL_CHOICE"  # app.config: --enable-auto-tool-choice
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON schema")
-    strict: bool | None = Field(None, description="accepted either way: forced calls always follow the schema")
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class FunctionName(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    name: str = Field(min_length=1)
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    type: Literal["function"] = "function"
-    function: FunctionName
-
-
-class ToolFields(BaseModel):
-    """The function-calling fields of a chat request (vLLM's names, checks and messages)."""
-
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description="default: auto with tools, none without")
-    parallel_tool_calls: bool = Field(True, description="false: one tool call at most")
-
-    @field_validator("tools")
-    @classmethod
-    def _no_empty_tools(cls, value):
-        if value == []:
-            raise ValueError("`tools` must not be an empty array; send at least one tool or leave the field out")
-        return value
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _a_known_choice(cls, value):
-        # one message for a bad choice, rather than one per branch of the union
-        if isinstance(value, str) and value not in ("none", "auto", "required"):
-            raise ValueError(f"invalid value `{value}`: only named tools, none, auto or required are supported")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _choice_among_the_tools(cls, value, info: ValidationInfo):
-        tools = info.data.get("tools")
-        if value not in (None, "none") and not tools:
-            raise ValueError("when using `tool_choice`, `tools` must be set")
-        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
-            raise ValueError(f"tool `{value.function.name}` has not been passed in `tools`")
-        return value
 
 
 def _arguments_schema(function: FunctionDefinition) -> dict[str, Any]:

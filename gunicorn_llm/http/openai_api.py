@@ -20,14 +20,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import ValidationError
 
 from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
 from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGeneration
-from gunicorn_llm.http.chat_tools import ChatOutput, ToolFields, ToolUse
+from gunicorn_llm.http.chat_tools import ChatOutput, ToolUse
 from gunicorn_llm.http.common import (
     check_model_name,
     check_prompt_count,
@@ -43,8 +42,13 @@ from gunicorn_llm.http.common import (
     start_generation,
 )
 from gunicorn_llm.http.guards import admit
+from gunicorn_llm.http.protocol import (
+    ChatCompletionRequest,
+    ChatTemplateControls,
+    CompletionRequest,
+    SamplingFields,
+)
 from gunicorn_llm.request_schema import (
-    LOGIT_BIAS_JSON,
     RequestError,
     SamplingParams,
     StructuredOutputs,
@@ -56,216 +60,7 @@ log = logging.getLogger("gunicorn.error")
 openai_api = Blueprint("openai", __name__, url_prefix="/v1")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    include_usage: bool = False
-
-
-class JsonSchemaFormat(BaseModel):
-    """`response_format.json_schema`: OpenAI's named schema. `strict` is accepted either way: the answer is always
-    constrained to the schema (as by vLLM)."""
-
-    model_config = ConfigDict(strict=True, validate_by_alias=True, validate_by_name=True)
-
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    # `schema` would shadow BaseModel.schema: the field takes its wire name as its alias
-    json_schema: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's `response_format`: plain text (no constraint), any JSON object, or JSON following a schema."""
-
-    model_config = ConfigDict(strict=True)
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type json_schema needs `json_schema` (with `name` and `schema`)")
-        return self
-
-    def constraint(self) -> StructuredOutputs | None:
-        if self.type == "json_object":
-            return StructuredOutputs(json_object=True)
-        if self.type == "json_schema":
-            return StructuredOutputs.model_validate({"json": self.json_schema.json_schema})
-        return None
-
-
-class _SamplingFields(BaseModel):
-    """Fields both OpenAI requests share; unset ones take SamplingParams' defaults."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    user: str | None = None  # accepted, unused
-    request_id: str | None = Field(None, min_length=1, description="the answer's id (after its prefix)")
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: json, json_object, regex, "
-                                                                           "choice or grammar")
-    # token controls, checked as SamplingParams' fields
-    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema({"anyOf": [LOGIT_BIAS_JSON, {"type": "null"}]})] \
-        = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
-    min_tokens: int | None = None
-
-    def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
-        """The answer's constraint, and for response_format the field that set it (for errors)."""
-        from_format = self.response_format.constraint() if self.response_format else None
-        if self.structured_outputs is not None and from_format is not None:
-            raise RequestError("response_format and structured_outputs cannot both constrain the answer",
-                               "response_format")
-        if self.structured_outputs is not None:
-            return self.structured_outputs, None  # errors name its own field
-        return from_format, "response_format"
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    add_special_tokens: bool = True  # when a text prompt is tokenized
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: each choice's `prompt_logprobs`, "
-                                        "the prompt tokens' log-probabilities with this many likeliest alternatives")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("at least one prompt is required")
-        return value
-
-    def prompts(self) -> list[str | list[int]]:
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
-
-
-class FunctionCallMessage(BaseModel):
-    name: str
-    arguments: str = Field(description="JSON text, as the answer gave it")
-
-
-class ToolCallMessage(BaseModel):
-    """A call an assistant message made (OpenAI's shape, as answers carry them)."""
-
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCallMessage
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallMessage] | None = Field(None, description="an assistant message's calls")
-    tool_call_id: str | None = Field(None, description="a tool message's answer to this call")
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_hold_text(cls, value):
-        if isinstance(value, list) and any(part.get("type") == "text" and not isinstance(part.get("text", ""), str)
-                                           for part in value):
-            raise ValueError("a text part's `text` must be a string")
-        return value
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
-
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates take it: tool-call arguments as objects, not JSON text (what transformers'
-        templates expect, and what vLLM's server hands them)."""
-        message: dict[str, Any] = {"role": self.role, "content": self.text()}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            message["tool_calls"] = [{**call.model_dump(exclude_none=True),
-                                      "function": {"name": call.function.name,
-                                                   "arguments": _json_or_text(call.function.arguments)}}
-                                     for call in self.tool_calls]
-        return message
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # arguments a model cut short: the template gets the text as it was
-        return text
-
-
-# What the chat template may not be handed through `chat_template_kwargs`: the arguments the server sets itself.
-_RESERVED_TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt",
-                                          "continue_final_message", "documents", "tools", "chat_template",
-                                          "return_dict", "return_tensors"})
-
-
-class ChatTemplateControls(BaseModel):
-    """How a conversation goes through the model's chat template (vLLM's fields, on /v1/chat/completions and
-    /tokenize alike)."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = Field(True, description="end with the template's opening of an assistant turn")
-    continue_final_message: bool = Field(False, description="leave the last message open, to be continued; not "
-                                                            "with add_generation_prompt")
-    add_special_tokens: bool = Field(False, description="add special tokens on top of those the template writes")
-    documents: list[dict[str, Any]] | None = Field(None, description="documents for templates that render them "
-                                                                     "(retrieval-augmented generation)")
-    chat_template_kwargs: dict[str, Any] | None = Field(None, description="further variables for the template, "
-                                                                          "e.g. enable_thinking")
-
-    @model_validator(mode="after")
-    def _one_ending(self):
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        return self
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _no_reserved_arguments(cls, value):
-        reserved = sorted(set(value or ()) & _RESERVED_TEMPLATE_ARGUMENTS)
-        if reserved:
-            raise ValueError(f"{', '.join(reserved)} cannot be set through chat_template_kwargs")
-        return value
-
-
-class ChatCompletionRequest(ChatTemplateControls, ToolFields, _SamplingFields):
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    include_reasoning: bool = Field(True, description="false: leave out what --reasoning-parser splits off")
-
-
-def _sampling_params(engine: Engine, request: _SamplingFields, max_tokens: int, logprobs: int | None,
+def _sampling_params(engine: Engine, request: SamplingFields, max_tokens: int, logprobs: int | None,
                      tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
     """The request's params, its structured-output constraint checked by the engine (a forced tool call's is
     checked already)."""

@@ -7,10 +7,9 @@ engine's tokenizer (both engines hold a transformers one) and never the model.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field
 
 from gunicorn_llm.http.common import (
     check_model_name,
@@ -20,33 +19,10 @@ from gunicorn_llm.http.common import (
     parse_body,
     read_json_body,
 )
-from gunicorn_llm.http.openai_api import ChatTemplateControls, chat_prompt_ids
+from gunicorn_llm.http.openai_api import chat_prompt_ids
+from gunicorn_llm.http.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 tokenizer_api = Blueprint("tokenizer", __name__)
-
-
-class _TokenizerRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-
-
-class TokenizeCompletionRequest(_TokenizerRequest):
-    """`POST /tokenize` of a text."""
-
-    prompt: str
-    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (a BOS, for some models)")
-    return_token_strs: bool | None = Field(False, description="also answer the tokens as strings (`token_strs`)")
-
-
-class TokenizeChatRequest(ChatTemplateControls, _TokenizerRequest):
-    """`POST /tokenize` of a conversation, through the model's chat template as `/v1/chat/completions` renders it."""
-
-    return_token_strs: bool | None = Field(False, description="also answer the tokens as strings (`token_strs`)")
-
-
-class DetokenizeRequest(_TokenizerRequest):
-    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 @tokenizer_api.post("/tokenize")
