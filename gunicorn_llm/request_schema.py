@@ -53,6 +53,26 @@ LOGIT_BIAS_JSON = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
 LogitBias = Annotated[tuple[tuple[int, float], ...] | None,
                       WithJsonSchema({"anyOf": [LOGIT_BIAS_JSON, {"type": "null"}], "default": None})]
 
+# The sampling fields' bounds, said once: SamplingParams' fields and the OpenAI requests' (http/protocol/), which are
+# validated into SamplingParams, take them from here, so the OpenAPI document states them on both.
+ChoiceCount = Annotated[int, Field(ge=1, le=64)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence and frequency
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10.0)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+MaxTokens = Annotated[int, Field(ge=1)]
+MinTokens = Annotated[int, Field(ge=0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+# `stop` on the wire: one string or a list of them, none empty (SamplingParams' validators below check it, with their
+# own message; the OpenAI requests pass theirs to it). Kept as a tuple, so that the params hash.
+_STOP_STRING_JSON = {"type": "string", "minLength": 1}
+STOP_JSON = {"anyOf": [_STOP_STRING_JSON, {"type": "array", "items": _STOP_STRING_JSON}, {"type": "null"}]}
+STOP_DESCRIPTION = "strings that end generation; not part of the answer (one string or a list; an empty string is " \
+                   "refused)"
+
 
 class StructuredOutputs(BaseModel):
     """What the answer must look like: exactly one of a JSON schema, any JSON object, a regular expression, one of
@@ -135,27 +155,35 @@ class StructuredOutputs(BaseModel):
         return self
 
 
+def _as_on_the_wire(schema: dict[str, Any]) -> None:
+    schema.pop("additionalProperties", None)
+    schema["description"] += " Keys the server does not know are ignored (with a warning)."
+
+
 class SamplingParams(BaseModel):
     """How to generate, for every instance of a request. Immutable and hashable, so equal params batch together."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
+    # On the wire (/infer's params) keys the server does not know are dropped with a warning before validation
+    # (parse_infer_request), so the document allows them; the model itself forbids them.
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False,
+                              json_schema_extra=_as_on_the_wire)
 
-    n: int = Field(1, ge=1, le=64, description="completions per instance")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 (or below 1e-5, as in vLLM) is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="-1 or 0: no top-k cut")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: tuple[str, ...] | None = Field(None, description="strings that end generation; not part of the answer")
+    n: ChoiceCount = Field(1, description="completions per instance")
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    temperature: Temperature = Field(1.0, description="0 (or below 1e-5, as in vLLM) is greedy")
+    top_p: TopP = 1.0
+    top_k: TopK = Field(-1, description="-1 or 0: no top-k cut")
+    min_p: MinP = 0.0
+    seed: Seed | None = None
+    stop: Annotated[tuple[str, ...] | None, WithJsonSchema(STOP_JSON)] = Field(None, description=STOP_DESCRIPTION)
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
-    max_tokens: int = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20, description="accepted for compatibility; /infer answers text")
-    prompt_logprobs: int | None = Field(
-        None, ge=0, le=20, description="set: answer per-token prompt log-probabilities instead of generating"
+    max_tokens: MaxTokens = 16
+    logprobs: TopLogprobs | None = Field(None, description="accepted for compatibility; /infer answers text")
+    prompt_logprobs: TopLogprobs | None = Field(
+        None, description="set: answer per-token prompt log-probabilities instead of generating"
     )
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = Field(
@@ -168,7 +196,7 @@ class SamplingParams(BaseModel):
     bad_words: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(
         None, description="words that may not be generated (vLLM's rule: a word's last token is banned where the "
                           "answer so far ends with the tokens before it; with and without a leading space)")
-    min_tokens: int = Field(0, ge=0, description="tokens generated before an end-of-sequence or stop token, or a "
+    min_tokens: MinTokens = Field(0, description="tokens generated before an end-of-sequence or stop token, or a "
                                                  "stop string, may end the answer")
 
     @field_validator("stop", mode="before")
@@ -247,8 +275,14 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     instances: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    params: SamplingParams = Field(default_factory=SamplingParams)
+    params: SamplingParams = Field(default_factory=SamplingParams,
+                                   description="the sampling parameters; absent or null: the defaults")
     stream: bool = Field(False, description="answer one JSON line per text delta instead of one list")
+
+    @field_validator("params", mode="before", json_schema_input_type=SamplingParams | None)
+    @classmethod
+    def _null_is_the_defaults(cls, value: Any) -> Any:
+        return SamplingParams() if value is None else value  # some clients send "params": null for the defaults
 
 
 KNOWN_PARAMS = frozenset(SamplingParams.model_fields)
@@ -258,8 +292,6 @@ def parse_infer_request(body: Any) -> tuple[InferRequest, list[str]]:
     """Validate an `/infer` body; return it with the names of the params keys that were ignored."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object with 'instances' and 'params'")
-    if body.get("params", ...) is None:  # some clients send "params": null for "the defaults"
-        body = {key: value for key, value in body.items() if key != "params"}
     ignored: list[str] = []
     if isinstance(body.get("params"), dict):
         params = body["params"]

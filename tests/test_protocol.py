@@ -109,14 +109,22 @@ def test_openapi_document_accepts_the_documented_requests():
     assert valid("InferRequest", {"instances": ["a"], "params": {"stop": "\n"}})
     assert not valid("InferRequest", {"instances": ["a"], "params": {"top_p": 1.5}})
     assert not valid("InferRequest", {"instances": []})
+    chat = [{"role": "user", "content": "hi"}]
     assert valid("GenerateRequest", {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 10})
     assert not valid("GenerateRequest", {"prompt": "x", "n": 2})
     assert not valid("GenerateRequest", {"prompt": "x", "stream": "yes"})  # refused by the handler and the document
     assert valid("CompletionRequest", {"prompt": [[1, 2], [3]], "max_tokens": 5, "stream": True})
     assert not valid("CompletionRequest", {"prompt": "x", "temperature": -1})
+    assert valid("CompletionRequest", {"prompt": "x", "echo": True, "max_tokens": 0})  # scores the prompt only
+    assert not valid("CompletionRequest", {"prompt": "x", "max_tokens": -1})
+    for prompt in ("", [], [""], [-1], [[]]):  # refused by the handler, stated on the model
+        assert not valid("CompletionRequest", {"prompt": prompt}), prompt
+    assert valid("InferRequest", {"instances": ["a"], "params": None})
     assert valid("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert not valid("ChatCompletionRequest", {"messages": []})
-    chat = [{"role": "user", "content": "hi"}]
+    assert not valid("ChatCompletionRequest", {"messages": chat, "continue_final_message": True})
+    number_part = [{"role": "user", "content": [{"type": "text", "text": 1}]}]
+    assert not valid("ChatCompletionRequest", {"messages": number_part})
     assert valid("TokenizeRequest", {"prompt": "hi", "add_special_tokens": False})
     assert valid("TokenizeRequest", {"messages": chat, "add_generation_prompt": False, "continue_final_message": True})
     assert not valid("TokenizeRequest", {"messages": chat, "continue_final_message": True})  # the generation prompt

@@ -1,29 +1,20 @@
-"""The OpenAPI 3.1 document of the wire protocol, generated from its route table and models (protocol.py).
+"""The OpenAPI 3.1 document of the wire protocol, generated from its route table and models (http/protocol/).
 
 `GET /openapi.json` (app.py) answers `openapi_json()`: built once per process. Each route of `protocol.ROUTES` becomes
 an operation (its request body, its answers and errors); the schemas are pydantic's `models_json_schema` of the
 routes' models, all in one `components/schemas` that every `$ref` points into. Numeric bounds (ge/le/gt/lt) stay in
 the document, so a fuzzer (tests/test_fuzz.py runs schemathesis against it) explores the edges.
 
-A few adjustments say what the handlers do around the request models, so the document describes the server a client
-sees:
-
-- Keys a route does not know are ignored (with a warning in the log), never refused: request objects allow
-  additional properties, although SamplingParams itself forbids them (the routes drop unknown keys before it).
-- The OpenAI requests' sampling fields are validated again as SamplingParams (openai_api._sampling_params):
-  they carry SamplingParams' bounds here.
-- `stop` takes one string or a list; stop strings and prompts must not be empty.
-- A chat message's text part (`{"type": "text"}`) must hold its `text` as a string.
-- `/tokenize` takes a body with `messages` as a conversation, any other as a text; a conversation may not ask for
-  both `continue_final_message` and `add_generation_prompt` (true by default).
-- `/infer` takes `"params": null` as the defaults.
-- Streams: `/v1` server-sent events are described one event at a time (OpenAPI 3.1's reading of a text/event-stream
-  `schema`), their data as JSON chunks; `/infer`'s NDJSON lines and `/generate`'s text as strings.
+What the handlers check around the models (the sampling bounds the OpenAI requests share with SamplingParams, `stop`
+as one string or a list, the prompts' parts, a chat message's text parts, `/tokenize`'s two shapes, `"params": null`,
+keys a route ignores with a warning) is stated on the models themselves (http/protocol/, request_schema.py), so the
+document is generated from them alone. Streams: `/v1` server-sent events are described one event at a time (OpenAPI
+3.1's reading of a text/event-stream `schema`), their data as JSON chunks; `/infer`'s NDJSON lines and `/generate`'s
+text as strings.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from typing import Any
@@ -37,96 +28,12 @@ OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
 
 
-# openai_api._sampling_params: the OpenAI request fields validated again as these SamplingParams fields.
-_OPENAI_AS_SAMPLING = {
-    name: name for name in ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty",
-                            "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids",
-                            "skip_special_tokens", "max_tokens", "min_tokens")
-} | {"max_completion_tokens": "max_tokens"}
-_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-
-
-def _branches(prop: dict) -> list[dict]:
-    """The alternatives of a property schema (its anyOf branches, or itself)."""
-    return prop.get("anyOf", [prop])
-
-
-def _copy_bounds(target: dict, source: dict) -> None:
-    """SamplingParams' numeric bounds onto the matching-typed branches of an OpenAI request property."""
-    for src in _branches(source):
-        bounds = {key: src[key] for key in _BOUNDS if key in src}
-        for branch in _branches(target):
-            if bounds and branch.get("type") == src.get("type"):
-                branch.update(bounds)
-
-
-def _stop_schema(description: str | None) -> dict:
-    text = {"type": "string", "minLength": 1}
-    schema = {"anyOf": [text, {"type": "array", "items": text}, {"type": "null"}], "default": None}
-    if description:
-        schema["description"] = description + " (one string or a list; an empty string is refused)"
-    return schema
-
-
-def _adjust(schemas: dict[str, dict]) -> None:
-    sampling = schemas["SamplingParams"]
-    for name in ("SamplingParams", "GenerateRequest"):
-        schemas[name].pop("additionalProperties", None)  # unknown keys are ignored with a warning, not refused
-        stop = schemas[name]["properties"]["stop"]
-        schemas[name]["properties"]["stop"] = _stop_schema(stop.get("description"))
-    schemas["SamplingParams"]["description"] += " Keys the server does not know are ignored (with a warning)."
-    # request_schema.parse_infer_request: `"params": null` is the defaults (some clients send it).
-    params = schemas["InferRequest"]["properties"]["params"]
-    schemas["InferRequest"]["properties"]["params"] = {
-        "anyOf": [{"$ref": params.pop("$ref")}, {"type": "null"}], **params,
-        "description": "the sampling parameters; absent or null: the defaults",
-    }
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        properties = schemas[name]["properties"]
-        for field, sampling_field in _OPENAI_AS_SAMPLING.items():
-            if field in properties:
-                _copy_bounds(properties[field], sampling["properties"][sampling_field])
-        properties["stop"] = _stop_schema("strings that end generation; not part of the answer") | {
-            "title": "Stop"}
-    _adjust_tokenize(schemas)
-    # openai_api.ChatMessage: a text part's `text` is a string.
-    for branch in _branches(schemas["ChatMessage"]["properties"]["content"]):
-        if branch.get("type") == "array":
-            branch["items"] |= {"if": {"required": ["type"], "properties": {"type": {"const": "text"}}},
-                                "then": {"properties": {"text": {"type": "string"}}}}
-    # Prompts: a string, a list of strings, token ids, or lists of token ids; none of them empty.
-    for branch in _branches(schemas["CompletionRequest"]["properties"]["prompt"]):
-        if branch.get("type") == "string":
-            branch["minLength"] = 1
-        elif branch.get("type") == "array":
-            branch["minItems"] = 1
-            items = branch["items"]
-            if items.get("type") == "string":
-                items["minLength"] = 1
-            elif items.get("type") == "integer":
-                items["minimum"] = 0
-            elif items.get("type") == "array":
-                items["minItems"] = 1
-                items["items"]["minimum"] = 0
-
-
-def _adjust_tokenize(schemas: dict[str, dict]) -> None:
-    """tokenizer_api.tokenize's choice between its two shapes, and the chat shape's one refused combination."""
-    schemas["TokenizeCompletionRequest"]["properties"]["messages"] = False  # a body with messages is a chat
-    schemas["TokenizeChatRequest"] |= {
-        "if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
-        "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}},
-    }
-
-
 def _component_schemas() -> dict[str, dict]:
     models = {ErrorResponse} | {model for route in ROUTES for model in (route.request, route.response, route.chunk)
                                 if model is not None}
     ordered = sorted(models, key=lambda model: model.__name__)  # the same document in every process
     _, top = models_json_schema([(model, "validation") for model in ordered], ref_template=_REF)
-    schemas = copy.deepcopy(top["$defs"])
-    _adjust(schemas)
-    return schemas
+    return top["$defs"]
 
 
 # -- operations --------------------------------------------------------------------------------------------------

@@ -28,7 +28,25 @@ from pydantic import (
     model_validator,
 )
 
-from gunicorn_llm.request_schema import LOGIT_BIAS_JSON, RequestError, SamplingParams, StructuredOutputs
+from gunicorn_llm.request_schema import (
+    LOGIT_BIAS_JSON,
+    STOP_DESCRIPTION,
+    STOP_JSON,
+    ChoiceCount,
+    MaxTokens,
+    MinP,
+    MinTokens,
+    Penalty,
+    RepetitionPenalty,
+    RequestError,
+    SamplingParams,
+    Seed,
+    StructuredOutputs,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 
 # -- /generate -----------------------------------------------------------------------------------------------------
 
@@ -41,7 +59,8 @@ class GenerateRequest(SamplingParams):
     """`POST /generate`: a prompt and SamplingParams' fields at the top level (one text: `n` is 1, no prompt scores).
     Keys the server does not know are ignored (with a warning)."""
 
-    model_config = ConfigDict(extra="allow")
+    # its keys are ignored with a warning, as SamplingParams' are on /infer: the document says so in the docstring
+    model_config = ConfigDict(extra="allow", json_schema_extra=None)
 
     prompt: str = Field(min_length=1, description="the text to continue")
     stream: bool = Field(False, description="stream the text as chunked HTTP (as does `?streaming=true`)")
@@ -119,17 +138,18 @@ class SamplingFields(BaseModel):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # the sampling fields take SamplingParams' bounds (they are validated into it, openai_api._sampling_params)
+    n: ChoiceCount | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_JSON)] = Field(None, description=STOP_DESCRIPTION)
+    seed: Seed | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
@@ -143,7 +163,7 @@ class SamplingFields(BaseModel):
         = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    min_tokens: int | None = None
+    min_tokens: MinTokens | None = None
 
     def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
         """The answer's constraint, and for response_format the field that set it (for errors)."""
@@ -156,13 +176,22 @@ class SamplingFields(BaseModel):
         return from_format, "response_format"
 
 
+# A prompt's parts as the document states them: none empty, token ids not negative. encode_prompt and
+# check_token_ids (http/common.py) check them, with messages that say the vocabulary's size; the model does not.
+_PromptText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+_TokenIds = Annotated[list[Annotated[int, Field(json_schema_extra={"minimum": 0})]],
+                      Field(json_schema_extra={"minItems": 1})]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _PromptText | Annotated[list[_PromptText], Field(json_schema_extra={"minItems": 1})] | _TokenIds \
+        | Annotated[list[_TokenIds], Field(json_schema_extra={"minItems": 1})]
     add_special_tokens: bool = True  # when a text prompt is tokenized
-    max_tokens: int | None = 16
+    # 0 (with echo) scores the prompt without generating
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: each choice's `prompt_logprobs`, "
+    logprobs: TopLogprobs | None = None
+    prompt_logprobs: TopLogprobs | None = Field(None, description="vLLM's: each choice's `prompt_logprobs`, "
                                         "the prompt tokens' log-probabilities with this many likeliest alternatives")
 
     @field_validator("prompt")
@@ -191,11 +220,16 @@ class ToolCallMessage(BaseModel):
     function: FunctionCallMessage
 
 
+_TEXT_PART_HOLDS_TEXT = {"if": {"required": ["type"], "properties": {"type": {"const": "text"}}},
+                         "then": {"properties": {"text": {"type": "string"}}}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    # content parts: the document says what _text_parts_hold_text checks
+    content: str | list[Annotated[dict[str, Any], Field(json_schema_extra=_TEXT_PART_HOLDS_TEXT)]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallMessage] | None = Field(None, description="an assistant message's calls")
     tool_call_id: str | None = Field(None, description="a tool message's answer to this call")
@@ -245,6 +279,12 @@ _RESERVED_TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tokenize"
 class ChatTemplateControls(BaseModel):
     """How a conversation goes through the model's chat template (vLLM's fields, on /v1/chat/completions and
     /tokenize alike)."""
+
+    # the document says what _one_ending checks: continue_final_message true needs add_generation_prompt false
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
+        "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}},
+    })
 
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = Field(True, description="end with the template's opening of an assistant turn")
@@ -338,10 +378,10 @@ class ToolFields(BaseModel):
 
 
 class ChatCompletionRequest(ChatTemplateControls, ToolFields, SamplingFields):
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     include_reasoning: bool = Field(True, description="false: leave out what --reasoning-parser splits off")
 
 
@@ -354,8 +394,14 @@ class _TokenizerRequest(BaseModel):
     model: str | None = None
 
 
+def _messages_make_a_chat(schema: dict[str, Any]) -> None:
+    schema["properties"]["messages"] = False  # tokenizer_api.tokenize reads a body with `messages` as a conversation
+
+
 class TokenizeCompletionRequest(_TokenizerRequest):
     """`POST /tokenize` of a text."""
+
+    model_config = ConfigDict(json_schema_extra=_messages_make_a_chat)
 
     prompt: str
     add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (a BOS, for some models)")
