@@ -13,6 +13,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from gunicorn_llm.engines.base import EngineBusy
+from gunicorn_llm.http.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest
+from gunicorn_llm.http.unhonoured_fields import UNHONOURED
 from scripted_engine import ScriptedEngine, scripted_client, scripted_client_of
 
 pytestmark = pytest.mark.inprocess
@@ -221,7 +223,36 @@ def test_chat_template_controls_reach_the_template(probe_client, controls, rende
     assert answer.get_json()["usage"]["prompt_tokens"] == len(expected)
 
 
+@pytest.fixture(scope="module")
+def effort_probe(embedded_model_dir):
+    """A client over a template that shows reasoning_effort and enable_thinking; the prompts its engine started."""
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.chat_template = "{% if reasoning_effort %}({{ reasoning_effort }}){% endif %}" + PROBE_TEMPLATE
+    engine = ScriptedEngine(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]])
+    prompts = []
+    engine.start = lambda prompt_ids, params: prompts.append(prompt_ids) or ScriptedEngine.start(engine, prompt_ids,
+                                                                                               params)
+    return scripted_client_of(engine), tokenizer, prompts
+
+
+@pytest.mark.parametrize(("controls", "rendered"), [
+    ({"reasoning_effort": "low"}, "(low)<think>user: Hi\nassistant:"),
+    ({"reasoning_effort": "none"}, "(none)user: Hi\nassistant:"),
+    # the client's own enable_thinking stands; reasoning_effort stands over the client's own
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}, "(high)user: Hi\nassistant:"),
+    ({"reasoning_effort": "max", "chat_template_kwargs": {"reasoning_effort": "low"}},
+     "(max)<think>user: Hi\nassistant:"),
+    ({}, "user: Hi\nassistant:"),
+])
+def test_reasoning_effort_reaches_the_template_as_vllm_hands_it(effort_probe, controls, rendered):
+    client, tokenizer, prompts = effort_probe
+    answer = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3, **controls})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert prompts[-1] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize(("controls", "param"), [
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
     ({"continue_final_message": True}, None),  # with the default add_generation_prompt
@@ -241,11 +272,19 @@ def test_a_request_id_becomes_the_answers_id(client):
     ("/v1/chat/completions", {"messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"messages": QUESTION, "guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/completions", {"prompt": "Hi", "use_beam_search": True}, "use_beam_search"),
-    ("/v1/chat/completions", {"messages": QUESTION, "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "echo": True}, "echo"),
 ])
 def test_a_field_the_server_does_not_honour_is_a_400_naming_it_not_a_silent_200(client, route, body, field):
     error = error_of(client.post(route, json=body), 400)
     assert error["param"] == field and "not honoured" in error["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_field_is_honoured_or_refused_never_both(route):
+    # a field a route's model comes to honour must leave the refused list (the real servers walk them all:
+    # test_openai_api.py)
+    honoured = (CompletionRequest if route == "/v1/completions" else ChatCompletionRequest).model_fields
+    assert set(honoured) & set(UNHONOURED[route]) == set()
 
 
 def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(client, tokenizer):
@@ -305,6 +344,7 @@ def test_max_tokens_0_without_echo_is_a_400(client):
     ("/v1/completions", {"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
     ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs", "less than or equal to 20"),
     ("/v1/completions", {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs", "stream"),
+    ("/v1/chat/completions", {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs", "stream"),  # as vLLM
 ])
 def test_token_controls_and_prompt_logprobs_that_cannot_apply_are_400s_naming_the_field(client, route, fields, param,
                                                                                        named):
@@ -353,6 +393,19 @@ def test_prompt_logprobs_come_per_choice_in_vllms_shape(client, tokenizer):
                                                   "logprobs": 0}).get_json()["choices"][0]
     assert echoed["prompt_logprobs"] == expected
     plain = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 2}).get_json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+
+
+def test_prompt_logprobs_on_chat_score_the_rendered_conversation(client):
+    # vLLM's: one top-level list for the conversation as the template rendered it, in a completion choice's shape
+    rendered = client.post("/tokenize", json={"messages": QUESTION}).get_json()["tokens"]
+    scored = client.post("/v1/completions", json={"prompt": rendered, "max_tokens": 1, "prompt_logprobs": 1})
+    answer = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, "prompt_logprobs": 1})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    ChatCompletionResponse.model_validate(answer.get_json())
+    assert answer.get_json()["prompt_logprobs"] == scored.get_json()["choices"][0]["prompt_logprobs"]
+    assert len(answer.get_json()["prompt_logprobs"]) == len(rendered)
+    plain = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}).get_json()
     assert "prompt_logprobs" not in plain
 
 

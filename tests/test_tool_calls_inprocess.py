@@ -116,6 +116,36 @@ def test_a_named_function_is_called_with_the_answer_as_its_arguments(named_clien
         ("get_weather", '{"city": "Paris"}')]
 
 
+@pytest.fixture(scope="module")
+def cut_clients(tokenizer):
+    """Forced answers cut short by max_tokens: a required list and a named function's arguments, unclosed."""
+    return {"required": scripted_client(tokenizer, ['[{"name": "get_weather", "parameters": {"city": "Pa'],
+                                        finish="length"),
+            "named": scripted_client(tokenizer, ['{"city": "Pa'], finish="length")}
+
+
+def test_a_required_list_cut_short_gives_no_call_and_no_half_json(cut_clients):
+    # vLLM's server: the list did not close, so no call is read; the text is not passed off as content either
+    choice = chat(cut_clients["required"], tools=[WEATHER, TIME], tool_choice="required")
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"] == "" and choice["message"]["tool_calls"] == []
+    choices = streamed(cut_clients["required"], tools=[WEATHER, TIME], tool_choice="required")
+    assert reassembled_calls(choices) == [] and choices[-1]["finish_reason"] == "length"
+    assert not any(choice["delta"].get("content") for choice in choices)
+
+
+def test_a_named_call_cut_short_carries_its_arguments_so_far_with_finish_reason_length(cut_clients):
+    # vLLM's and OpenAI's: the call with the arguments as far as they came; finish_reason says they were cut
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    choice = chat(cut_clients["named"], tools=[WEATHER, TIME], tool_choice=named)
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == ""
+    assert [(call["name"], call["arguments"]) for call in whole_calls(choice)] == [("get_weather", '{"city": "Pa')]
+    choices = streamed(cut_clients["named"], tools=[WEATHER, TIME], tool_choice=named)
+    assert [(call["name"], call["arguments"]) for call in reassembled_calls(choices)] == [
+        ("get_weather", '{"city": "Pa')]
+    assert choices[-1]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"tool_choice": "auto"}, "tool_choice"),  # no --enable-auto-tool-choice
     ({}, "tool_choice"),  # auto is the default with tools
@@ -208,6 +238,19 @@ def test_the_reasoning_parser_splits_reasoning_from_content(parsing_clients):
     # the template's switch reaches the parser, as in vLLM: no thinking, no reasoning read
     unread = chat(client, chat_template_kwargs={"enable_thinking": False})["message"]
     assert "reasoning_content" not in unread and unread["content"] == "<think>Paris is in France.</think>It is sunny."
+
+
+def test_tokenize_renders_the_tools_as_chat_completions_do(parsing_clients, tokenizer):
+    # vLLM's /tokenize takes tools with a conversation and hands them to the template
+    client = parsing_clients["text"]
+    with_tools = client.post("/tokenize", json={"messages": QUESTION, "tools": [WEATHER]})
+    assert with_tools.status_code == 200, with_tools.get_data(as_text=True)
+    tokens = with_tools.get_json()["tokens"]
+    without = client.post("/tokenize", json={"messages": QUESTION}).get_json()["tokens"]
+    assert "get_weather" in tokenizer.decode(tokens) and "get_weather" not in tokenizer.decode(without)
+    answer = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, "tools": [WEATHER],
+                                                       "tool_choice": "none"})
+    assert answer.get_json()["usage"]["prompt_tokens"] == len(tokens)
 
 
 def test_a_tool_result_turn_renders_through_the_template(parsing_clients, tokenizer):

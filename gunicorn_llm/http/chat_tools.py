@@ -31,6 +31,11 @@ OUTPUT_PARSER_KEY = "llm_output_parser"  # app.extensions: vLLM's Parser class, 
 AUTO_TOOL_CHOICE_KEY = "ENABLE_AUTO_TOOL_CHOICE"  # app.config: --enable-auto-tool-choice
 
 
+def template_tools(tools: Sequence[Tool] | None) -> list[dict] | None:
+    """Tools as chat templates take them (also /tokenize's)."""
+    return [tool.model_dump(exclude_none=True) for tool in tools or ()] or None
+
+
 def _arguments_schema(function: FunctionDefinition) -> dict[str, Any]:
     # vLLM's: a function without parameters still takes a JSON object
     return function.parameters or {"type": "object", "properties": {}}
@@ -62,7 +67,7 @@ class ToolUse:
         return self.choice == "required" or self.named is not None
 
     def template_tools(self) -> list[dict] | None:
-        return [tool.model_dump(exclude_none=True) for tool in self.tools] or None
+        return template_tools(self.tools)
 
     def _schema(self) -> dict[str, Any]:
         """vLLM's schema for a forced choice (vllm.tool_parsers.utils.get_json_schema_from_tools)."""
@@ -172,8 +177,6 @@ class ChatOutput:
         """The assistant message of a whole answer, and its finish reason."""
         if self.tool_use.forced:
             calls = self._forced_calls(text)
-            if calls is None:  # cut short (max_tokens) before the call was complete: the text as it is
-                return {"role": "assistant", "content": text}, finish_reason
             # OpenAI's and vLLM's: tool_calls for required; a named function's call ends with stop
             finish = "tool_calls" if self.tool_use.choice == "required" and finish_reason == "stop" else finish_reason
             return {"role": "assistant", "content": "", "tool_calls": calls}, finish
@@ -194,14 +197,17 @@ class ChatOutput:
             finish_reason = "tool_calls"
         return message, finish_reason
 
-    def _forced_calls(self, text: str) -> list[dict] | None:
+    def _forced_calls(self, text: str) -> list[dict]:
+        """A forced answer's calls, as vLLM's server reads them. Cut short by max_tokens (finish_reason "length"): a
+        named function's call carries the arguments as far as they came, as streamed (OpenAI's way too); a required
+        list that did not close gives no call, never the half list as text."""
+        if self.tool_use.named is not None:  # the arguments themselves, as generated
+            return [_call(self.tool_use.named, text)] if text.strip() else []
         try:
-            value = json.loads(text)
-            if self.tool_use.named is not None:  # the arguments themselves, as generated (vLLM's)
-                return [_call(self.tool_use.named, text)]
-            return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
-        except (json.JSONDecodeError, TypeError, KeyError):  # not the schema's shape: cut short
-            return None
+            return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                    for call in json.loads(text)]
+        except (json.JSONDecodeError, TypeError, KeyError):  # not the schema's whole shape: cut short
+            return []
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)

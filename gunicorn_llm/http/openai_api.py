@@ -110,8 +110,6 @@ def completions():
     if prompt_only and not request.echo:
         raise RequestError("max_tokens 0 generates nothing: it is for scoring a prompt, with echo (and logprobs)",
                            "max_tokens")
-    if request.stream and request.prompt_logprobs is not None:  # as vLLM: whole answers only
-        raise RequestError("prompt_logprobs is not available with stream: true", "prompt_logprobs")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
     params = _sampling_params(engine, request, 1 if prompt_only else max_tokens, request.logprobs)
     check_prompt_count(len(request.prompts()))
@@ -184,9 +182,10 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored:
 
 
 def _prompt_logprobs(engine: Engine, scored: list[TokenLogprob], top: int) -> list[dict | None]:
-    """vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then for each one {token id: {logprob,
-    rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to top, the prompt token by how many
-    are as likely or more); a log-probability of -inf is -9999, as vLLM's server clamps it for JSON."""
+    """vLLM's `prompt_logprobs` of a completion choice (or of a chat answer): null for the first prompt token, then
+    for each one {token id: {logprob, rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to
+    top, the prompt token by how many are as likely or more); a log-probability of -inf is -9999, as vLLM's server
+    clamps it for JSON."""
     positions: list[dict | None] = [None]
     for entry in scored:
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
@@ -258,9 +257,12 @@ def chat_completions():
                               limit if limit is not None else max(1, engine.max_model_len - len(prompt)), logprobs,
                               tool_use.checked_constraint(engine))
     prompt_ids = encode_prompt(engine, prompt, params)
-    output = ChatOutput(tool_use, prompt_ids, engine.tokenizer, request.include_reasoning,
-                        request.chat_template_kwargs)
+    output = ChatOutput(tool_use, prompt_ids, engine.tokenizer, request.include_reasoning, request.template_kwargs())
     admit()
+    # vLLM's: the rendered conversation's log-probabilities, as a completion choice carries a prompt's (whole answers)
+    scored = None
+    if request.prompt_logprobs is not None:
+        [scored] = engine.prompt_logprobs([prompt_ids], top=request.prompt_logprobs, deadline=deadline())
     generation = start_generation(engine, prompt_ids, params)
     answer = _Answer("chatcmpl", "chat.completion", engine, params, request.request_id)
     answer.prompt_tokens = len(prompt_ids)
@@ -277,7 +279,10 @@ def chat_completions():
             "logprobs": _chat_logprobs(engine, result.logprobs or []) if logprobs is not None else None,
             "finish_reason": finish_reason,
         })
-    return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
+    body = {**answer.head(), "choices": choices, "usage": answer.usage()}
+    if scored is not None:
+        body["prompt_logprobs"] = _prompt_logprobs(engine, scored, request.prompt_logprobs)
+    return jsonify(body)
 
 
 def chat_prompt_ids(engine: Engine, request: ChatTemplateControls, tools: list[dict] | None = None) -> list[int]:
@@ -287,7 +292,7 @@ def chat_prompt_ids(engine: Engine, request: ChatTemplateControls, tools: list[d
         text = engine.tokenizer.apply_chat_template(
             conversation, tools=tools, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message, documents=request.documents, tokenize=False,
-            **(request.chat_template_kwargs or {}))
+            **request.template_kwargs())
     except Exception as error:  # noqa: BLE001 - a template that refuses this conversation is the client's problem
         raise RequestError(f"the model's chat template rejected the messages: {error}", "messages") from None
     # By default the template alone writes the special tokens it wants.

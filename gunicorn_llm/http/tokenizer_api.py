@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from gunicorn_llm.http.chat_tools import template_tools
 from gunicorn_llm.http.common import (
     check_model_name,
     check_token_ids,
@@ -34,7 +35,7 @@ def tokenize():
     engine = current_engine()
     check_model_name(engine, request.model)
     if chat:
-        ids = chat_prompt_ids(engine, request)
+        ids = chat_prompt_ids(engine, request, template_tools(request.tools))
     else:
         ids = encode_text(engine, request.prompt, request.add_special_tokens)
     token_strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None

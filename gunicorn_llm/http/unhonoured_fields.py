@@ -74,12 +74,9 @@ UNHONOURED: dict[str, dict[str, Unhonoured]] = {
         **_SHARED,
         "functions": Unhonoured(_FUNCTIONS, (None, [])),
         "function_call": Unhonoured(_FUNCTIONS, (None, "none")),
-        "reasoning_effort": Unhonoured("reasoning controls are not supported by this server yet"),
         "chat_template": Unhonoured("a per-request chat template is not accepted (nor by vLLM's server by default); "
                                     "start the server with the model's template"),
         "echo": Unhonoured("echoing the last message is not supported on chat completions", (None, False)),
-        "prompt_logprobs": Unhonoured("prompt log-probabilities are answered on /v1/completions (prompt_logprobs, or "
-                                      "echo with logprobs), not on chat completions"),
         "media_io_kwargs": Unhonoured(_MULTIMODAL),
         "mm_processor_kwargs": Unhonoured(_MULTIMODAL),
         "return_prompt_text": Unhonoured(_VLLM_INTERNAL, (None, False)),

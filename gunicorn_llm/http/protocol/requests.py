@@ -164,6 +164,16 @@ class SamplingFields(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     min_tokens: MinTokens | None = None
+    prompt_logprobs: TopLogprobs | None = Field(None, description="vLLM's: the prompt tokens' log-probabilities with "
+                                                "this many likeliest alternatives (`prompt_logprobs` of each choice "
+                                                "on completions, of the answer on chat); whole answers only")
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_in_whole_answers(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("stream"):  # as vLLM
+            raise ValueError("not available with stream: true (whole answers only)")
+        return value
 
     def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
         """The answer's constraint, and for response_format the field that set it (for errors)."""
@@ -191,8 +201,6 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     echo: bool = False
     logprobs: TopLogprobs | None = None
-    prompt_logprobs: TopLogprobs | None = Field(None, description="vLLM's: each choice's `prompt_logprobs`, "
-                                        "the prompt tokens' log-probabilities with this many likeliest alternatives")
 
     @field_validator("prompt")
     @classmethod
@@ -310,6 +318,10 @@ class ChatTemplateControls(BaseModel):
             raise ValueError(f"{', '.join(reserved)} cannot be set through chat_template_kwargs")
         return value
 
+    def template_kwargs(self) -> dict[str, Any]:
+        """The template's variables beyond the conversation and the switches above (also the reasoning parser's)."""
+        return dict(self.chat_template_kwargs or {})
+
 
 # -- function calling (chat completions) ---------------------------------------------------------------------------
 
@@ -383,6 +395,17 @@ class ChatCompletionRequest(ChatTemplateControls, ToolFields, SamplingFields):
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
     include_reasoning: bool = Field(True, description="false: leave out what --reasoning-parser splits off")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="handed to the chat template as vLLM hands it: as `reasoning_effort`, and as "
+                          "`enable_thinking` (false for none) unless chat_template_kwargs sets that")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """vLLM's: chat_template_kwargs, with reasoning_effort over them and enable_thinking beside them."""
+        kwargs = super().template_kwargs()
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
 
 # -- /tokenize and /detokenize -------------------------------------------------------------------------------------
@@ -410,6 +433,8 @@ class TokenizeCompletionRequest(_TokenizerRequest):
 
 class TokenizeChatRequest(ChatTemplateControls, _TokenizerRequest):
     """`POST /tokenize` of a conversation, through the model's chat template as `/v1/chat/completions` renders it."""
+
+    tools: list[Tool] | None = Field(None, description="tools for the template to render, as on /v1/chat/completions")
 
     return_token_strs: bool | None = Field(False, description="also answer the tokens as strings (`token_strs`)")
 

@@ -145,6 +145,8 @@ class ChatCompletionResponse(_Answer):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None
+    # vLLM's, with prompt_logprobs: the conversation's tokens as rendered, each as a completion choice carries them
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
 
 
 class CalledFunctionDelta(_Answer):
