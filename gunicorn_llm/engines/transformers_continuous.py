@@ -14,10 +14,10 @@ token_controls.py, as the slot path does); a constrained sequence's end-of-seque
 manager ends it where its grammar does. That processor runs on the host at every step, which the manager allows only
 when it neither replays CUDA graphs nor compiles its step (a graph would replay the first step's masks) and batches
 synchronously (asynchronous batching prepares a step before the previous step's tokens reach the host, when no
-matcher can know what comes next): with `--cuda-graphs` constrained and controlled requests go to the batched-generate
-path, as do requests that need a sampling seed, penalties, min_p or logprobs (`can_serve`; the engine drops a greedy
-request's seed before asking). Greedy decoding is top-k 1 sampling, since the manager samples or argmaxes for every
-request alike.
+matcher can know what comes next): with CUDA graphs (`--cuda-graphs`, or transformers' own choice) constrained and
+controlled requests go to the batched-generate path, as do requests that need a sampling seed, penalties, min_p or
+logprobs (`can_serve`; the engine drops a greedy request's seed before asking). Greedy decoding is top-k 1 sampling,
+since the manager samples or argmaxes for every request alike.
 """
 
 from __future__ import annotations
