@@ -1,6 +1,6 @@
 """Shared fixtures: the embedded model's folder, free ports, a real server started through the launcher, one
-server per engine for the modules that hold both engines to one contract, and the transformers engine serving with
-transformers' continuous batching in process."""
+server per engine for the modules that hold both engines to one contract, a server's /metrics read, and the
+transformers engine serving with transformers' continuous batching in process."""
 
 from __future__ import annotations
 
@@ -117,6 +117,20 @@ class Server(ServerProcess):
         except ServerNotReady as error:
             raise AssertionError(str(error)) from None
         return {pid: answer["slice"] for pid, answer in ready.items()}
+
+
+def scrape_metrics(server) -> dict[str, list]:
+    """A server's /metrics read with prometheus_client's parser: metric family name -> its samples, over all workers
+    (whichever worker answers)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def metric_value(samples, name: str, **labels) -> float:
+    """The sum of the samples named `name` that carry these labels."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @contextlib.contextmanager

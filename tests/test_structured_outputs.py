@@ -306,3 +306,28 @@ def test_the_continuous_path_masks_a_constrained_row_in_the_same_step_as_an_unco
     text = tokenizer.decode(constrained_tokens, skip_special_tokens=True)
     assert conforms(text) and constrained_reason == "stop", (text, constrained_reason)
     assert continuous_engine.running() == 0
+
+
+def test_the_continuous_path_leaves_constrained_and_controlled_requests_to_generate_where_it_replays_graphs(
+        continuous_engine, reference_model, monkeypatch):
+    from transformers import ContinuousBatchingConfig
+
+    from gunicorn_llm.engines.transformers_continuous import steps_on_the_host
+    from gunicorn_llm.ops import metrics
+
+    tokenizer, _ = reference_model
+    assert steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=False))
+    assert not steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True))
+    assert not steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=True))
+    path = continuous_engine.paths[0]
+    plain = params_for(max_tokens=12)
+    constrained = params_for(max_tokens=12, structured_outputs={"regex": PHONE})
+    controlled = params_for(max_tokens=12, logit_bias={"11": -100})
+    assert all(path.can_serve(params) for params in (plain, constrained, controlled))
+    monkeypatch.setattr(path, "masks_rows", False)  # as a manager with CUDA graphs resolves it
+    assert path.can_serve(plain) and not path.can_serve(constrained) and not path.can_serve(controlled)
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    tokens, reason = tokens_of(continuous_engine.start(tokenizer("A phone number:")["input_ids"], constrained))
+    assert paths == ["generate"] and reason == "stop"
+    assert re.fullmatch(PHONE, tokenizer.decode(tokens, skip_special_tokens=True))
