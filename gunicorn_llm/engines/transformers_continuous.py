@@ -41,6 +41,7 @@ from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
 
+_UNTOUCHED = (None, None, ())  # a row of MaskedRows with no matcher and no controls: left as it is
 CPU_CACHE_BLOCKS = 32  # x 256-token pages: room for 8,192 tokens in flight per worker on CPU
 
 
@@ -66,8 +67,8 @@ class MaskedRows(ContinuousBatchingLogitsProcessor):
 
     def __init__(self, sequence_of: Callable[[str], _Sequence | None]):
         self._sequence_of = sequence_of
-        # this step's rows: matchers, controls and tokens generated so far; None when no row needs anything
-        self._rows: tuple[list, list, list] | None = None
+        # this step's rows: (matcher, controls, tokens generated so far) each; None when no row needs anything
+        self._rows: list[tuple] | None = None
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.zero_()  # its per-row argument is unused: what a row needs is in self._rows
@@ -75,25 +76,24 @@ class MaskedRows(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
         """Given the states of the step's rows, in the order of its logits: catch the matchers up with the tokens
         their sequences drew since, and keep what each row needs."""
-        matchers, controls, outputs = [], [], []
+        rows = []
         for future in requests_with_new_token:
             sequence = self._sequence_of(future.state.request_id)  # None: an unknown or cancelled one
             if sequence is None or (sequence.matcher is None and sequence.controls is None):
-                matchers.append(None), controls.append(None), outputs.append(())
+                rows.append(_UNTOUCHED)
                 continue
             generated = future.state.to_generation_output().generated_tokens  # also across an offload's re-prefill
             for token in generated[sequence.fed :]:
                 advance(sequence.matcher, token)
             sequence.fed = len(generated)
-            matchers.append(sequence.matcher), controls.append(sequence.controls), outputs.append(generated)
-        needed = any(matchers) or any(row is not None for row in controls)
-        self._rows = (matchers, controls, outputs) if needed else None
+            rows.append((sequence.matcher, sequence.controls, generated))
+        self._rows = rows if any(row is not _UNTOUCHED for row in rows) else None
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         if self._rows is not None:
-            matchers, controls, outputs = self._rows
-            rows = scores[: len(matchers)]  # rows past them: prompts still prefilling in chunks, never sampled
+            matchers, controls, outputs = zip(*self._rows, strict=True)
+            rows = scores[: len(self._rows)]  # rows past them: prompts still prefilling in chunks, never sampled
             mask_logits(rows, matchers)
             apply_to_rows(rows, controls, outputs)
         return scores
