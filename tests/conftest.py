@@ -1,5 +1,6 @@
-"""Shared fixtures: the embedded model's folder, free ports, a real server started through the launcher, and one
-server per engine for the modules that hold both engines to one contract."""
+"""Shared fixtures: the embedded model's folder, free ports, a real server started through the launcher, one
+server per engine for the modules that hold both engines to one contract, a server's /metrics read, and the
+transformers engine serving with transformers' continuous batching in process."""
 
 from __future__ import annotations
 
@@ -64,6 +65,37 @@ def direct_prompt_logprobs(reference_model, prompt: str):
     return torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
 
 
+@pytest.fixture(scope="module")
+def continuous_engine(embedded_model_dir):
+    """The transformers engine with `--batching continuous` (transformers' own manager), in process on the embedded
+    model in float32 (its CPU default), closed when the module ends."""
+    from gunicorn_llm.engines.transformers_engine import TransformersEngine
+    from gunicorn_llm.settings import ServerSettings
+
+    engine = TransformersEngine(str(embedded_model_dir), "embedded", ServerSettings(BATCHING="continuous",
+                                                                                    MAX_MODEL_LEN=256))
+    assert engine.paths[0].name == "continuous" and engine.paths[0].masks_rows
+    yield engine
+    engine.close()
+
+
+def continuous_steps(engine, monkeypatch) -> list[set[str]]:
+    """What the continuous path's steps will hold, recorded as they are prepared: per step, the kinds of the rows
+    sampled (constrained, controlled or plain)."""
+    path = engine.paths[0]
+    steps: list[set[str]] = []
+    prepare = path.masked_rows.prepare_tensor_args
+
+    def recording(requests_with_new_token):
+        sequences = [path._sequences.get(future.state.request_id) for future in requests_with_new_token]
+        steps.append({"constrained" if sequence.matcher else "controlled" if sequence.controls else "plain"
+                      for sequence in sequences if sequence is not None})
+        return prepare(requests_with_new_token)
+
+    monkeypatch.setattr(path.masked_rows, "prepare_tensor_args", recording)
+    return steps
+
+
 class Server(ServerProcess):
     """A real gunicorn server started with start_gunicorn.sh, stopped with SIGTERM."""
 
@@ -85,6 +117,20 @@ class Server(ServerProcess):
         except ServerNotReady as error:
             raise AssertionError(str(error)) from None
         return {pid: answer["slice"] for pid, answer in ready.items()}
+
+
+def scrape_metrics(server) -> dict[str, list]:
+    """A server's /metrics read with prometheus_client's parser: metric family name -> its samples, over all workers
+    (whichever worker answers)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def metric_value(samples, name: str, **labels) -> float:
+    """The sum of the samples named `name` that carry these labels."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @contextlib.contextmanager

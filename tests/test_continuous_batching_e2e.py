@@ -2,19 +2,22 @@
 
 A real server started with `--batching slots` (this server's own, the default on GPU; eager steps on CPU), then one
 with `--batching continuous` (transformers' manager); requests they cannot serve (seeds, stop strings, penalties,
-prompt scoring) take the batched-generate path in the same worker while they run.
+prompt scoring) take the batched-generate path in the same worker while they run. Structured-output and
+token-controlled requests are served by the server's own batching path beside plain ones, as /metrics counts.
 """
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import plain_generate
+from conftest import metric_value, plain_generate, scrape_metrics
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Question: what is 7 times 8?\nAnswer:"]
+PHONE = "[0-9]{3}-[0-9]{4}"
 
 
 @pytest.fixture(scope="module", params=["slots", "continuous"])
@@ -71,3 +74,26 @@ def test_mixed_concurrent_requests_take_both_paths_and_are_all_answered(server, 
 def test_prompt_logprobs_still_served(server):
     answer = server.infer(["The cat sat on the mat"], prompt_logprobs=0)
     assert len(answer[0]) >= 4 and all(value <= 0 for value in answer[0])
+
+
+def test_constrained_and_controlled_requests_take_the_servers_batching_path_beside_a_plain_one(server,
+                                                                                               reference_model):
+    tokenizer, _ = reference_model
+    paris = tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    greedy = {"temperature": 0, "max_tokens": 12}
+    sent = {  # kind: prompt, params
+        "plain": (PROMPTS[0], greedy),
+        "constrained": ("A phone number:", {**greedy, "structured_outputs": {"regex": PHONE}}),
+        "controlled": (PROMPTS[0], {**greedy, "logit_bias": {str(paris): -100}}),
+    }
+    before = scrape_metrics(server).get("llm_engine_path", [])
+    with ThreadPoolExecutor(max_workers=len(sent)) as pool:
+        answers = dict(zip(sent, pool.map(lambda kind: server.infer([sent[kind][0]], **sent[kind][1])[0], sent),
+                           strict=True))
+    after = scrape_metrics(server)["llm_engine_path"]
+    assert answers["plain"] == plain_generate(reference_model, PROMPTS[0], max_new_tokens=12)
+    assert re.fullmatch(PHONE, answers["constrained"]), answers
+    assert "Paris" in answers["plain"] and "Paris" not in answers["controlled"], answers
+    for path, prompts in ((server.batching, 3), ("generate", 0)):
+        assert metric_value(after, "llm_engine_path_total", path=path) - \
+            metric_value(before, "llm_engine_path_total", path=path) == prompts, path

@@ -9,7 +9,8 @@ import time
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import metric_value, scrape_metrics
 
 
 @pytest.fixture(scope="module")
@@ -19,54 +20,45 @@ def server(start_server):
     return server
 
 
-def scrape(server) -> dict[str, list]:
-    """Metric family name -> its samples, over all workers (whichever worker answers)."""
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
-
-
-def value(samples, name: str, **labels) -> float:
-    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 def test_counts_requests_and_tokens_over_all_workers(server):
-    before = scrape(server)
+    before = scrape_metrics(server)
     for _ in range(6):  # enough requests that both workers answer some
         server.infer(["1, 2, 3,"], temperature=0, max_tokens=4, ignore_eos=True)
-    after = scrape(server)
+    after = scrape_metrics(server)
     route = {"route": "/infer", "status": "200"}
-    assert value(after["llm_requests"], "llm_requests_total", **route) - \
-        value(before.get("llm_requests", []), "llm_requests_total", **route) == 6
-    assert value(after["llm_generation_tokens"], "llm_generation_tokens_total") - \
-        value(before.get("llm_generation_tokens", []), "llm_generation_tokens_total") == 24
+    assert metric_value(after["llm_requests"], "llm_requests_total", **route) - \
+        metric_value(before.get("llm_requests", []), "llm_requests_total", **route) == 6
+    assert metric_value(after["llm_generation_tokens"], "llm_generation_tokens_total") - \
+        metric_value(before.get("llm_generation_tokens", []), "llm_generation_tokens_total") == 24
     usage = requests.post(f"{server.url}/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 1}).json()
     prompt_tokens = usage["usage"]["prompt_tokens"]
-    assert value(scrape(server)["llm_prompt_tokens"], "llm_prompt_tokens_total") - \
-        value(before.get("llm_prompt_tokens", []), "llm_prompt_tokens_total") == 7 * prompt_tokens
+    assert metric_value(scrape_metrics(server)["llm_prompt_tokens"], "llm_prompt_tokens_total") - \
+        metric_value(before.get("llm_prompt_tokens", []), "llm_prompt_tokens_total") == 7 * prompt_tokens
 
 
 def test_counts_the_engine_path_of_each_prompt(server):
     """On CPU the transformers engine generates through batched generate (the slot engine's choice of path is
     pinned in test_slot_batching.py); prompt log-probabilities have a path of their own."""
-    before = scrape(server).get("llm_engine_path", [])
+    before = scrape_metrics(server).get("llm_engine_path", [])
     server.infer(["1, 2, 3,", "Hi"], temperature=0, seed=1, max_tokens=2)
     server.infer(["1, 2, 3,", "Hi", "Once upon a time"], prompt_logprobs=0)
-    after = scrape(server)["llm_engine_path"]
+    after = scrape_metrics(server)["llm_engine_path"]
     for path, prompts in (("generate", 2), ("prompt_logprobs", 3), ("slots", 0), ("continuous", 0)):
-        assert value(after, "llm_engine_path_total", path=path) - \
-            value(before, "llm_engine_path_total", path=path) == prompts, path
+        assert metric_value(after, "llm_engine_path_total", path=path) - \
+            metric_value(before, "llm_engine_path_total", path=path) == prompts, path
 
 
 def test_latency_histograms_are_filled(server):
     server.infer(["Once upon a time"], temperature=0, max_tokens=6, ignore_eos=True)
-    families = scrape(server)
-    assert value(families["llm_time_to_first_token_seconds"], "llm_time_to_first_token_seconds_count") >= 1
-    assert value(families["llm_inter_token_latency_seconds"], "llm_inter_token_latency_seconds_count") >= 5
-    assert value(families["llm_request_duration_seconds"], "llm_request_duration_seconds_count", route="/infer") >= 1
+    families = scrape_metrics(server)
+    assert metric_value(families["llm_time_to_first_token_seconds"], "llm_time_to_first_token_seconds_count") >= 1
+    assert metric_value(families["llm_inter_token_latency_seconds"], "llm_inter_token_latency_seconds_count") >= 5
+    assert metric_value(families["llm_request_duration_seconds"], "llm_request_duration_seconds_count",
+                        route="/infer") >= 1
 
 
 def test_running_waiting_and_ready_gauges_are_per_worker(server):
-    families = scrape(server)
+    families = scrape_metrics(server)
     ready = {s.labels["worker"]: s.labels["slice"] for s in families["llm_worker_ready"] if s.value == 1}
     assert ready == {str(pid): slice_ for pid, slice_ in server.slices.items()}
     for name in ("llm_requests_running", "llm_requests_waiting"):
@@ -116,7 +108,7 @@ def test_a_dead_workers_gauges_disappear(server):
     while True:
         assert time.monotonic() < deadline, "the killed worker's gauges are still exported"
         try:
-            workers = {s.labels["worker"] for s in scrape(server)["llm_worker_ready"]}
+            workers = {s.labels["worker"] for s in scrape_metrics(server)["llm_worker_ready"]}
         except requests.ConnectionError:
             workers = {str(victim)}
         if str(victim) not in workers:

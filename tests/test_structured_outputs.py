@@ -7,9 +7,10 @@ the official `openai` SDK's `parse()` with a pydantic model: json_schema answers
 that cannot compile is a 400 naming its field, before anything runs. A constrained and an unconstrained request
 served together leave the unconstrained answer as it is alone.
 
-In-process, on the embedded model: the slot path (transformers_slots.py) and the batched-generate path
-(transformers_generate.py) mask a constrained row while an unconstrained row in the same batch (one decode step, one
-`generate` call) still equals plain greedy `generate` token for token.
+In-process, on the embedded model: the slot path (transformers_slots.py), transformers' continuous batching
+(transformers_continuous.py, through the engine with `--batching continuous`: a regex, a choice and a JSON schema)
+and the batched-generate path (transformers_generate.py) mask a constrained row while an unconstrained row in the
+same batch (one decode step, one `generate` call) still equals plain greedy `generate` token for token.
 
 The embedded model is small: prompts ask for JSON and schemas have small bounded fields, so that greedy answers end
 well within max_tokens.
@@ -30,7 +31,7 @@ import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from conftest import plain_generate
+from conftest import continuous_steps, plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 120
@@ -194,7 +195,7 @@ def test_a_constrained_and_an_unconstrained_request_together_leave_the_unconstra
     assert re.fullmatch(PHONE, answers["constrained"][0]), answers
 
 
-# -- in-process: the transformers engine's slot and batched-generate paths -------------------------------------------
+# -- in-process: the transformers engine's slot, continuous and batched-generate paths --------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +275,59 @@ def test_the_generate_path_masks_a_constrained_row_in_the_same_generate_call_as_
     results = [tokens_of(job.stream) for job in jobs]
     assert calls == [2], "the two rows did not share one generate call"
     check_shared_batch_answers(tokenizer, reference_model, ids, *results)
+
+
+CONTINUOUS_CONSTRAINTS = {  # prompt, constraint, whether an answer conforms
+    "regex": ("The capital of France is", {"regex": PHONE}, lambda text: re.fullmatch(PHONE, text)),
+    "choice": ("Is the sky blue? Answer:", {"choice": CHOICES}, lambda text: text in CHOICES),
+    "json": (JSON_PROMPT, {"json": SCHEMA}, lambda text: jsonschema.validate(json.loads(text), SCHEMA) is None),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONTINUOUS_CONSTRAINTS))
+def test_the_continuous_path_masks_a_constrained_row_in_the_same_step_as_an_unconstrained_one(
+        continuous_engine, reference_model, monkeypatch, kind):
+    from gunicorn_llm.ops import metrics
+
+    tokenizer, _ = reference_model
+    prompt, constraint, conforms = CONTINUOUS_CONSTRAINTS[kind]
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    steps = continuous_steps(continuous_engine, monkeypatch)
+    plain_ids, constrained_ids = (tokenizer(text)["input_ids"] for text in ("The capital of France is", prompt))
+    plain, constrained = params_for(max_tokens=12), params_for(max_tokens=80, structured_outputs=constraint)
+    with continuous_engine.paths[0].paused():  # they join the manager's batch together
+        streams = [continuous_engine.start(plain_ids, plain), continuous_engine.start(constrained_ids, constrained)]
+    (plain_tokens, plain_reason), (constrained_tokens, constrained_reason) = (tokens_of(stream) for stream in streams)
+    assert paths == ["continuous", "continuous"]
+    assert {"plain", "constrained"} in steps, "they never shared a step"
+    assert tokenizer.decode(plain_tokens) == plain_generate(reference_model, "The capital of France is", 12)
+    assert plain_reason == "length"
+    text = tokenizer.decode(constrained_tokens, skip_special_tokens=True)
+    assert conforms(text) and constrained_reason == "stop", (text, constrained_reason)
+    assert continuous_engine.running() == 0
+
+
+def test_the_continuous_path_leaves_constrained_and_controlled_requests_to_generate_where_it_replays_graphs(
+        continuous_engine, reference_model, monkeypatch):
+    from transformers import ContinuousBatchingConfig
+
+    from gunicorn_llm.engines.transformers_continuous import steps_on_the_host
+    from gunicorn_llm.ops import metrics
+
+    tokenizer, _ = reference_model
+    assert steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=False))
+    assert not steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True))
+    assert not steps_on_the_host(ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=True))
+    path = continuous_engine.paths[0]
+    plain = params_for(max_tokens=12)
+    constrained = params_for(max_tokens=12, structured_outputs={"regex": PHONE})
+    controlled = params_for(max_tokens=12, logit_bias={"11": -100})
+    assert all(path.can_serve(params) for params in (plain, constrained, controlled))
+    monkeypatch.setattr(path, "masks_rows", False)  # as a manager with CUDA graphs resolves it
+    assert path.can_serve(plain) and not path.can_serve(constrained) and not path.can_serve(controlled)
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    tokens, reason = tokens_of(continuous_engine.start(tokenizer("A phone number:")["input_ids"], constrained))
+    assert paths == ["generate"] and reason == "stop"
+    assert re.fullmatch(PHONE, tokenizer.decode(tokens, skip_special_tokens=True))

@@ -9,8 +9,9 @@ end-of-sequence token; streamed answers equal whole ones; token ids outside the 
 `prompt_logprobs` come in vLLM's shape and equal one direct forward pass of the model on both engines, within the
 scoring tests' float32 tolerance.
 
-In-process, on the embedded model: the slot path (beside an uncontrolled row, in the same decode steps) and the
-batched-generate path apply each control.
+In-process, on the embedded model: the slot path and transformers' continuous batching (through the engine with
+`--batching continuous`), each beside an uncontrolled row in the same steps, and the batched-generate path apply each
+control.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 import requests
 import torch
 
-from conftest import FLOAT32_SCORING, plain_generate
+from conftest import FLOAT32_SCORING, continuous_steps, plain_generate
 
 HTTP_TIMEOUT = 120
 PROMPT = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: 2018-01-22 ..."
@@ -218,7 +219,7 @@ def test_prompt_logprobs_and_token_controls_are_refused_where_they_cannot_apply(
     assert response.status_code == 400 and response.json()["error"]["param"] == "params.logit_bias"
 
 
-# -- in-process: the transformers engine's slot and batched-generate paths -------------------------------------------
+# -- in-process: the transformers engine's slot, continuous and batched-generate paths --------------------------------
 
 
 def controlled_cases(tokenizer, reference_model) -> dict[str, tuple[dict, object]]:
@@ -279,6 +280,25 @@ def test_the_slot_path_applies_a_control_beside_an_uncontrolled_row(reference_mo
                    engine.start(ids, controlled, stop_ids, controls_for(controlled, tokenizer, stop_ids))]
     plain_tokens, controlled_tokens = (tokens_of(stream) for stream in streams)
     assert any(set(step) == {plain, controlled} for step in steps), "they never shared a decode step"
+    assert tokenizer.decode(plain_tokens) == plain_generate(reference_model, PROMPT, max_new_tokens=12)
+    assert check(controlled_tokens), tokenizer.decode(controlled_tokens)
+
+
+@pytest.mark.parametrize("control", ["logit_bias", "allowed_token_ids", "bad_words", "min_tokens"])
+def test_the_continuous_path_applies_a_control_beside_an_uncontrolled_row(continuous_engine, reference_model,
+                                                                          tokenizer, control, monkeypatch):
+    from gunicorn_llm.ops import metrics
+
+    fields, check = controlled_cases(tokenizer, reference_model)[control]
+    paths: list[str] = []
+    monkeypatch.setattr(metrics, "engine_path_taken", paths.append)
+    steps = continuous_steps(continuous_engine, monkeypatch)
+    ids = tokenizer(PROMPT)["input_ids"]
+    with continuous_engine.paths[0].paused():  # they join the manager's batch together
+        streams = [continuous_engine.start(ids, params_for()), continuous_engine.start(ids, params_for(**fields))]
+    plain_tokens, controlled_tokens = (tokens_of(stream) for stream in streams)
+    assert paths == ["continuous", "continuous"]
+    assert {"plain", "controlled"} in steps, "they never shared a step"
     assert tokenizer.decode(plain_tokens) == plain_generate(reference_model, PROMPT, max_new_tokens=12)
     assert check(controlled_tokens), tokenizer.decode(controlled_tokens)
 

@@ -46,6 +46,7 @@ class Grammars:
         # xgrammar's own cache is off: ours is keyed by the whole constraint, and bounded by count
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
         self.vocab_size = vocab_size
+        self.stop_token_ids = frozenset(info.stop_token_ids)  # a matcher terminates on drawing one of them
         self.compile = functools.lru_cache(maxsize=CACHED_GRAMMARS)(self._compile)
 
     def _compile(self, constraint: StructuredOutputs) -> xgrammar.CompiledGrammar:

@@ -1,5 +1,6 @@
 """vLLM's per-request token controls for the transformers engine: `logit_bias`, `allowed_token_ids`, `bad_words` and
-`min_tokens`, applied to each controlled row of a step's logits, on the slot and batched-generate paths alike.
+`min_tokens`, applied to each controlled row of a step's logits, on the slot, continuous-batching and
+batched-generate paths alike.
 
 As in vLLM's sampler, they come after the model's log-probabilities are taken (which they do not change) and before
 the penalties, in vLLM's order: only the allowed ids are kept; bad words are banned; end-of-sequence and stop tokens
@@ -95,3 +96,12 @@ class TokenControls:
             logits[self.held_back] = torch.where(nothing_left, held, torch.full_like(held, float("-inf")))
         if self.bias_ids is not None:
             logits.index_add_(0, self.bias_ids, self.biases.to(logits.dtype))
+
+
+def apply_to_rows(logits: torch.Tensor, controls: Sequence[TokenControls | None],
+                  outputs: Sequence[Sequence[int]]) -> None:
+    """In place, on a batch's logits [rows, vocabulary]: each row under its request's `controls` (None: none), given
+    the tokens it generated so far (`outputs`, one list per row)."""
+    for index, (row_controls, output) in enumerate(zip(controls, outputs, strict=True)):
+        if row_controls is not None:
+            row_controls.apply(logits[index], len(output), output)

@@ -6,17 +6,18 @@ is their interface):
 
 - slot batching (transformers_slots.py), the default on one GPU, for every generation request;
 - continuous batching (transformers' own manager, transformers_continuous.py), for models slot batching does not
-  support, for requests whose sampling it supports;
+  support, for requests whose sampling it supports (structured outputs and token controls too, unless it runs with
+  CUDA graphs);
 - batched `generate` for the rest: everything on CPU or over several GPUs, what continuous batching cannot do.
 
 A request goes to the continuous path if it can serve it, else to batched `generate`. A greedy request's `seed` is
 dropped on arrival: it draws nothing, and must not split it from its batch. Prompt log-probabilities go to the
 batched-generate thread on every path, where every request waiting is scored in shared forward passes
 (transformers_scoring.py); a greedy one-token generation of a prompt scored a moment ago is answered from that
-scoring. Token controls (logit_bias, allowed_token_ids, bad_words, min_tokens: token_controls.py) are applied on the
-slot and batched-generate paths. Which path served each prompt is counted in /metrics. Structured outputs are compiled
-with xgrammar for this model's tokenizer (grammars.py) when a request arrives, and masked on the slot and
-batched-generate paths; transformers' continuous batching leaves constrained requests to batched `generate`.
+scoring. Token controls (logit_bias, allowed_token_ids, bad_words, min_tokens: token_controls.py) are applied on
+every path. Which path served each prompt is counted in /metrics. Structured outputs are compiled with xgrammar for
+this model's tokenizer (grammars.py) when a request arrives, and masked on every path; transformers' continuous
+batching with CUDA graphs leaves constrained and controlled requests to batched `generate`.
 
 The HTTP side lives in http/app.py; text (decoding, stop strings) in generation.py; this file only drives the model.
 """
@@ -120,7 +121,7 @@ class TransformersEngine(Engine):
         memory_share = KV_CACHE_MEMORY_SHARE / settings.workers_per_gpu
         return ContinuousBatching(self.model, self.tokenizer.pad_token_id, vocab_size, memory_share, self.die,
                                   cuda_graphs=settings.cuda_graphs and self.device.type == "cuda",
-                                  stream_interval=settings.stream_interval)
+                                  stream_interval=settings.stream_interval, grammars=self.grammars)
 
     def _slot_cache_bytes(self, settings: ServerSettings) -> int:
         """What the slots' KV cache may take: this worker's share of the GPU (--gpu-memory-utilization over

@@ -22,7 +22,7 @@ import torch
 
 from gunicorn_llm.engines.base import TokenLogprob
 from gunicorn_llm.engines.grammars import mask_logits
-from gunicorn_llm.engines.token_controls import TokenControls
+from gunicorn_llm.engines.token_controls import TokenControls, apply_to_rows
 from gunicorn_llm.request_schema import SamplingParams
 
 
@@ -80,9 +80,7 @@ class RowSampler:
         mask_logits(logits, [row.matcher for row in rows])
         wanting = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
         model_logprobs = torch.log_softmax(logits[wanting], dim=-1) if wanting else None  # before any transform
-        for index, row in enumerate(rows):
-            if row.controls is not None:
-                row.controls.apply(logits[index], len(row.output_ids), row.output_ids)
+        apply_to_rows(logits, [row.controls for row in rows], [row.output_ids for row in rows])
         self._penalize(logits, rows)
         tokens = self._draw(logits, rows)
         entries: list[TokenLogprob | None] = [None] * len(rows)
