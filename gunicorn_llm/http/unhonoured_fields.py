@@ -4,8 +4,9 @@ An OpenAI-compatible server that accepts such a field and answers 200 without ac
 (an evaluation then scores an unconstrained answer as if it were constrained, a tool call that never came as plain
 text). So each field of vLLM's request models that the routes do not implement is listed here with the values that
 change nothing (sent by clients that spell out defaults) and why it is refused. Keys that neither OpenAI nor vLLM
-define keep vLLM's behaviour: ignored with a warning (http/common.py). tests/test_http_inprocess.py checks that every
-field of vLLM's installed request models is either honoured by the routes' models or listed here.
+define keep vLLM's behaviour: ignored with a warning (http/common.py). tests/test_openai_api.py checks that every
+field of vLLM's installed request models is either honoured by the routes' models or listed here, on both engines;
+tests/test_http_inprocess.py that none is both.
 """
 
 from __future__ import annotations
