@@ -234,6 +234,13 @@ class ServerSettings(BaseSettings):
     trust_remote_code: bool = _setting(False, "TRUST_REMOTE_CODE", None, "run code shipped with the model (`true`)",
         section="environment",
     )
+    client_indices_per_frontend: int = _setting(
+        8, "CLIENT_INDICES_PER_FRONTEND", None,
+        "vLLM shared engine core: attachments per front end before the core is relaunched", section="environment",
+        doc="vLLM, `--workers-per-gpu` K > 1: client indices the engine core gets per front end; each attaching "
+        "worker (a replacement, a HUP's) claims a fresh one, and once all are claimed the core is relaunched "
+        "(the model loads again; `docs/architecture.md`)", ge=1,
+    )
     fault_inject_after_steps: int | None = _setting(
         None, "FAULT_INJECT_AFTER_STEPS", None,
         "fault tests only: the engine fails at this generation step", section="environment",

@@ -5,9 +5,12 @@ serves both workers, which attach with vLLM's client for externally launched eng
 - both workers answer, through the one core; /ready, /workers, /metrics and the headers name it;
 - kill -9 of one front end while both have requests running: the other's stream goes on to its end, the dead one's
   requests are aborted in the core, and the replacement attaches to the same core (no model load);
+- HUP under load: no request fails, both front ends are replaced, and the new ones attach to the same core;
 - kill -9 of the engine core: the workers report unready and are replaced, and the slice serves again from a new core;
 - SIGTERM: a running stream finishes, then no process of the server is left;
-- kill -9 of the master (a second server): no engine core survives.
+- a second server, with one client index per front end (CLIENT_INDICES_PER_FRONTEND=1): a replacement finds every
+  index claimed, says so, and the slice recovers on a new core; then kill -9 of its master: no engine core survives,
+  and the supervisor removes the engine directory.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ import psutil
 import pytest
 import requests
 
+from benchkit.fault_load import Load, summary
+from gunicorn_llm.ops.slice_engines import ENGINE_DIR_ENV
 from test_faults import alive, descendants, wait_until
 
-ARGS = ("--infer_type", "vllm", "--cpu-workers", "1", "--workers-per-gpu", "2", "--timeout", "20")
+# --timeout is also how long a request waits for a loading worker: a HUP's new front ends import vLLM before they
+# attach (20-60 s on a busy 2-core machine), and requests sent meanwhile wait for them.
+ARGS = ("--infer_type", "vllm", "--cpu-workers", "1", "--workers-per-gpu", "2", "--timeout", "120")
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 LOAD_S = 400
+CORE_READY = re.compile(r"engine core \d+ ready")  # the supervisor's line once a core has loaded its model
 
 
 def engine_cores(server) -> list[int]:
@@ -40,6 +48,12 @@ def engine_cores(server) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return cores
+
+
+def engine_directory(server) -> str:
+    """The server's engine directory (its master makes it; the supervisors inherit its path)."""
+    supervisor = requests.get(f"{server.url}/workers").json()["engine_cores"][0]["supervisor_pid"]
+    return psutil.Process(supervisor).environ()[ENGINE_DIR_ENV]
 
 
 def session_to(server, worker: int, timeout_s: float = 30) -> requests.Session:
@@ -137,6 +151,40 @@ def test_kill_9_of_a_front_end_leaves_the_other_streaming_and_its_replacement_at
     assert "model failed to load" not in server.log()
 
 
+@pytest.mark.timeout(LOAD_S + 180)
+def test_hup_under_load_replaces_the_front_ends_which_attach_to_the_same_core(server):
+    (core,) = engine_cores(server)
+    old = set(server.ready)
+    cores_loaded = len(CORE_READY.findall(server.log()))
+    # The client waits as long as a new front end takes to import vLLM: between the old front ends' drain and the
+    # new ones' attaching, requests wait in the new workers for their engine.
+    with Load(server.url, clients=4, route="/v1/completions", max_tokens=16, timeout_s=LOAD_S,
+              max_s=2 * LOAD_S) as load:
+        wait_until(lambda: sum(o.ok for o in load.snapshot()) >= 4, 120, "the load is being answered")
+        hup_at = time.monotonic()
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_until(lambda: not (old & server.worker_pids()), 120, "the old front ends drain and exit")
+        server.ready = ready_answers(server)
+        ready_at = time.monotonic()
+        wait_until(lambda: {o.worker for o in load.snapshot() if o.ok and o.ended > ready_at} >= set(server.ready),
+                   120, "both new front ends answered the load")
+        outcomes = load.stop()
+    counts = summary(outcomes)
+    print(f"\nHUP: {counts}; new front ends {sorted(server.ready)} ready {ready_at - hup_at:.0f} s after it, client "
+          f"indices {sorted(a['client_index'] for a in server.ready.values())}")
+    assert not set(server.ready) & old
+    assert [o for o in outcomes if not o.ok] == [], counts
+    assert sum(o.started > hup_at for o in outcomes) > 0, "no request was sent while the front ends were replaced"
+    assert {a["engine_core_pid"] for a in server.ready.values()} == {core}
+    listed = requests.get(f"{server.url}/workers").json()
+    assert {w["pid"]: w["engine_core"] for w in listed["ready"]} == {pid: core for pid in server.ready}
+    (described,) = listed["engine_cores"]
+    assert described["engine_core_pids"] == [core] and described["ready"] and described["generation"] == 0
+    assert {a["engine_supervisor_pid"] for a in server.ready.values()} == {described["supervisor_pid"]}
+    assert alive(described["supervisor_pid"]) and described["supervisor_pid"] in descendants(server.process.pid)
+    assert engine_cores(server) == [core] and len(CORE_READY.findall(server.log())) == cores_loaded  # no model load
+
+
 @pytest.mark.timeout(2 * LOAD_S)
 def test_kill_9_of_the_engine_core_makes_its_workers_unready_and_the_slice_recovers(server):
     (core,) = engine_cores(server)
@@ -176,18 +224,35 @@ def test_sigterm_lets_a_stream_finish_then_leaves_no_process(server):
     assert stream.finished and stream.error is None
 
 
-@pytest.mark.timeout(LOAD_S + 120)
-def test_kill_9_of_the_master_leaves_no_engine_core(start_server):
-    server = start_server(*ARGS, env=ENV)
-    ready_answers(server)
-    tree = descendants(server.process.pid)
-    assert engine_cores(server)
+@pytest.mark.timeout(3 * LOAD_S)
+def test_claimed_indices_relaunch_the_core_then_kill_9_of_the_master_leaves_nothing(start_server):
+    server = start_server(*ARGS, env={**ENV, "CLIENT_INDICES_PER_FRONTEND": "1"})
+    first = ready_answers(server)
+    (core,) = engine_cores(server)
+    engine_dir = engine_directory(server)
+    tree = set()
     try:
+        # Both indices of the core are claimed: the victim's replacement finds none, and the slice moves to a new core.
+        os.kill(min(first), signal.SIGKILL)
+        wait_until(lambda: "every client index of slice 0's engine core" in server.log(), 120,
+                   "the replacement says every client index is claimed")
+        wait_until(lambda: not (set(first) & server.worker_pids()), LOAD_S, "the old core's front ends are replaced")
+        now = ready_answers(server)
+        (new_core,) = engine_cores(server)
+        print(f"\nevery index claimed: core {core} -> {new_core}; front ends {sorted(first)} -> {sorted(now)}")
+        assert new_core != core and not alive(core)
+        assert {a["engine_core_pid"] for a in now.values()} == {new_core}
+        assert {a["core_generation"] for a in now.values()} == {1}
+        assert sorted(a["client_index"] for a in now.values()) == [0, 1]
+        assert server.infer(["The capital of France is"], temperature=0, max_tokens=4)
+
+        tree = descendants(server.process.pid)
         killed_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGKILL)
         wait_until(lambda: not [pid for pid in tree if alive(pid)], 60, "the workers, supervisor and core end")
-        print(f"\nkill -9 of the master: {sorted(tree)} gone after {time.monotonic() - killed_at:.1f} s")
+        print(f"kill -9 of the master: {sorted(tree)} gone after {time.monotonic() - killed_at:.1f} s")
+        assert not os.path.exists(engine_dir), "the supervisor left the engine directory behind"
     finally:
-        for pid in tree:  # never leave a process of this test behind, whatever failed
+        for pid in tree | descendants(server.process.pid):  # never leave a process of this test behind
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -8,16 +8,18 @@ client index has been claimed, it launches a new core (the workers of the old on
 
 It leads its own process group, which vLLM's processes inherit; on SIGTERM (from the master once the workers have
 drained, or from the kernel when the master dies) it shuts the core down through vLLM and then ends whatever is
-left of its group.
+left of its group; when the master died, it also removes the server's engine directory, which the master would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
 
@@ -54,6 +56,9 @@ def main(slice_json: str, master_pid: int) -> None:
         supervisor.run()
     finally:
         supervisor.stop()
+        if os.getppid() != master_pid:
+            # The master died without stopping the supervisors (kill -9): nobody else removes the engine directory.
+            shutil.rmtree(slice_engines.engine_dir(), ignore_errors=True)
 
 
 def _exit_on_signal(signum, frame):
@@ -95,7 +100,7 @@ class Supervisor:
         from vllm.v1.executor import Executor
 
         config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        count = self.settings.workers_per_gpu * slice_engines.PAIRS_PER_FRONTEND
+        count = self.settings.workers_per_gpu * self.settings.client_indices_per_frontend
         inputs, outputs = slice_engines.addresses(self.slice.index, generation, count)
         self.state = None
         self._publish(generation, False, [], inputs=inputs, outputs=outputs)
@@ -136,9 +141,11 @@ class Supervisor:
             manager.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def stop(self) -> None:
-        if self.state is not None:
-            self._publish(self.state.generation, False, self.state.engine_pids, inputs=self.state.inputs,
-                          outputs=self.state.outputs, failure=self.state.failure or "stopped")
+        # The engine directory is gone when another slice's supervisor removed it after the master's death.
+        with contextlib.suppress(OSError):
+            if self.state is not None:
+                self._publish(self.state.generation, False, self.state.engine_pids, inputs=self.state.inputs,
+                              outputs=self.state.outputs, failure=self.state.failure or "stopped")
         try:
             self._stop_core()
         finally:

@@ -43,6 +43,9 @@ from gunicorn_llm.settings import ServerSettings
 log = logging.getLogger("gunicorn.error")
 CACHED_CONSTRAINT_CHECKS = 256
 SHUTDOWN_TIMEOUT_S = 10.0  # for vLLM's engine core to stop when asked, before the worker's group is signalled
+# A vLLM executor class by qualified name, in place of vLLM's own: scripts/bench_request_path.py puts a paced stand-in
+# for the model there (benchkit/paced_executor.py) to measure the front ends without a GPU.
+EXECUTOR_ENV = "GUNICORN_LLM_VLLM_EXECUTOR"
 
 
 @dataclass
@@ -294,6 +297,7 @@ def engine_args(model_path: str, model_name: str, settings: ServerSettings, on_g
         seed=0,
         # vLLM builds a request's output once per interval, not per token: its streams hold nothing back.
         stream_interval=settings.stream_interval,
+        distributed_executor_backend=os.environ.get(EXECUTOR_ENV) or None,
         # On CPU, a KV cache sized from the memory free now (cpu_memory.py); on GPUs vLLM sizes it.
         **({} if on_gpu or frontend else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(model_path, settings)}),
     )

@@ -69,6 +69,9 @@ class SharedCoreVLLMEngine(VLLMEngine):
             index, orphans = slice_engines.claim_client_index(core, os.getpid())
             if index is not None:
                 return core, index, orphans
+            log.warning("worker %s: every client index of slice %d's engine core %s (generation %d) is claimed; "
+                        "asking for a new engine core (the model loads again, the core's other front ends are "
+                        "replaced)", os.getpid(), self.slice_index, core.engine_pids, core.generation)
             slice_engines.ask_for_new_core(core)
             core = slice_engines.wait_until_ready(self.slice_index, CORE_WAIT_S, newer_than=core.generation)
 
@@ -84,7 +87,8 @@ class SharedCoreVLLMEngine(VLLMEngine):
 
     def describe(self) -> dict:
         return {**super().describe(), "engine_core_pid": self.core.engine_pids[0], "client_index": self.client_index,
-                "core_generation": self.core.generation, "frontends": self.frontends}
+                "core_generation": self.core.generation, "frontends": self.frontends,
+                "engine_supervisor_pid": self.core.supervisor_pid}
 
     def close(self) -> None:
         # Only this worker's client closes: the core serves the slice's other workers.

@@ -30,7 +30,7 @@ from gunicorn_llm.http.native_api import native
 from gunicorn_llm.http.openai_api import openai_api
 from gunicorn_llm.http.openapi_spec import openapi_json
 from gunicorn_llm.http.tokenizer_api import tokenizer_api
-from gunicorn_llm.ops import metrics, systemd_notify
+from gunicorn_llm.ops import metrics, slice_engines, systemd_notify
 from gunicorn_llm.ops.dispatcher import pinned_slice_label
 from gunicorn_llm.ops.monitor import monitor
 from gunicorn_llm.request_schema import RequestError
@@ -135,7 +135,10 @@ def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> 
     def workers():
         states = metrics.worker_states()
         expected = int(os.environ.get("LLM_EXPECTED_WORKERS", len(states)))
-        return jsonify({"workers": expected, "loaded": sum(state["ready"] for state in states), "ready": states})
+        body = {"workers": expected, "loaded": sum(state["ready"] for state in states), "ready": states}
+        if cores := slice_engines.described():  # the slices' shared vLLM engine cores and their supervisors
+            body["engine_cores"] = cores
+        return jsonify(body)
 
     @app.get("/health")
     def health():

@@ -16,13 +16,16 @@ it SIGTERM if the master dies (PR_SET_PDEATHSIG); either way it ends its engine 
 How a worker attaches, and why each attachment gets addresses of its own: vLLM's engine core sends its "ready"
 message once per client address, when it starts, and a client waits for it before its first request; a replacement
 client on a dead client's addresses would wait forever (vLLM cannot re-attach a client: its own server shuts down
-when one of its API servers dies). So the supervisor gives the core PAIRS_PER_FRONTEND address pairs per front end;
-each worker that attaches claims an unused pair (its `client_index`), and a replacement worker claims a fresh one,
-whose ready message has waited in the engine's queue since the core started: it attaches in seconds, with no model
-load. Once every pair of a core is claimed, the next worker asks the supervisor for a new core (the model reloads).
+when one of its API servers dies). So the supervisor gives the core `CLIENT_INDICES_PER_FRONTEND` (8) address
+pairs per front end; each worker that attaches claims an unused pair (its `client_index`), and a replacement worker
+claims a fresh one, whose ready message has waited in the engine's queue since the core started: it attaches in
+seconds, with no model load. Once every pair of a core is claimed, the next worker logs it and asks the supervisor
+for a new core: the supervisor stops the old core (its front ends see it go and are replaced) and launches a new one
+(the model loads again), to which the asking worker and the replacements attach.
 
 This module is the shared state (one JSON file per slice in the server's engine directory, written whole and
-renamed; pair claims under a file lock) and the master's side (start and stop the supervisors).
+renamed; pair claims under a file lock), what `/workers` shows of it, and the master's side (start and stop the
+supervisors).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +53,6 @@ log = logging.getLogger("gunicorn.error")
 
 ENGINE_DIR_ENV = "GUNICORN_LLM_ENGINE_DIR"
 SUPERVISOR_MODULE = "gunicorn_llm.engines.vllm_core_supervisor"
-PAIRS_PER_FRONTEND = 8  # attachments per front end before a core is relaunched: replacements and HUPs
 SUPERVISOR_STOP_S = 30.0
 
 
@@ -93,9 +96,14 @@ def addresses(slice_index: int, generation: int, count: int) -> tuple[list[str],
 
 
 def publish(state: EngineState) -> None:
-    path = _state_path(state.slice_index)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    scratch.write_text(json.dumps(asdict(state)))
+    _write_whole(_state_path(state.slice_index), json.dumps(asdict(state)))
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Written aside and renamed: a reader never sees a part, and a writer killed midway (kill -9, or a worker's
+    exit ending its watcher thread) leaves the old file whole."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    scratch.write_text(text)
     os.replace(scratch, path)
 
 
@@ -158,9 +166,11 @@ def _claims(state: EngineState):
     """The claims on the core's client indices (index -> claimant), read and written back under the file lock."""
     path = engine_dir() / f"claims-s{state.slice_index}g{state.generation}.json"
     with FileLock(str(path) + ".lock"):
-        claims = json.loads(path.read_text()) if path.exists() else {}
+        read = path.read_text() if path.exists() else "{}"
+        claims = json.loads(read)
         yield claims
-        path.write_text(json.dumps(claims))
+        if (written := json.dumps(claims)) != read:
+            _write_whole(path, written)
 
 
 def ask_for_new_core(state: EngineState) -> None:
@@ -170,6 +180,21 @@ def ask_for_new_core(state: EngineState) -> None:
 
 def renewal_asked(slice_index: int, generation: int) -> bool:
     return (engine_dir() / f"renew-s{slice_index}g{generation}").exists()
+
+
+def described() -> list[dict]:
+    """The server's shared engine cores as `/workers` shows them (none unless its workers share cores): per slice,
+    its supervisor, its core's processes, how many cores it has launched, whether it is ready."""
+    if not os.environ.get(ENGINE_DIR_ENV):
+        return []
+    states = []
+    for path in sorted(engine_dir().glob("slice*.json")):
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a server that is stopping
+            state = EngineState(**json.loads(path.read_text()))
+            states.append({"slice": state.slice_index, "supervisor_pid": state.supervisor_pid,
+                           "engine_core_pids": state.engine_pids, "generation": state.generation,
+                           "ready": state.ready, "client_count": state.client_count, "failure": state.failure})
+    return states
 
 
 def _state_path(slice_index: int) -> Path:

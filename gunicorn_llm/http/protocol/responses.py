@@ -238,12 +238,26 @@ class WorkerState(_Answer):
     slice: str
     ready: bool
     generation_requests: int = Field(description="generation requests the worker has answered")
+    engine_core: int | None = Field(None, description="a front end's shared vLLM engine core (its pid)")
+
+
+class EngineCoreState(_Answer):
+    """A slice's shared vLLM engine core (`--workers-per-gpu` K > 1) and the supervisor that launched it."""
+
+    slice: int
+    supervisor_pid: int
+    engine_core_pids: list[int]
+    generation: int = Field(description="engine cores launched for this slice before this one")
+    ready: bool
+    client_count: int = Field(description="client indices: attachments the core takes before it is relaunched")
+    failure: str | None = Field(description="why the supervisor stopped or gave up")
 
 
 class Workers(_Answer):
     workers: int = Field(description="workers the server runs")
     loaded: int = Field(description="workers whose model is loaded")
     ready: list[WorkerState]
+    engine_cores: list[EngineCoreState] | None = Field(None, description="the slices' shared vLLM engine cores")
 
 
 class OpenAPIDocument(RootModel[dict[str, Any]]):
