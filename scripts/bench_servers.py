@@ -6,7 +6,9 @@ reproduce), and runs bench.py over all of them interleaved in one run: per concu
 server. Prints bench.py's table and ratios (to the first server) and writes its JSON next to the given output
 prefix; the plot is drawn from the JSON where matplotlib is installed. `--modes whole` asks for whole answers;
 `--modes eval` runs an evaluation harness's load instead (scripts/bench_eval_load.py: multiple-choice scoring and
-generate-until, `--eval-items`, `--eval-generations`, at the first `--concurrency`) against the same servers.
+generate-until, `--eval-items`, `--eval-generations`, at the first `--concurrency`) against the same servers;
+`--modes vllm-bench` runs vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored, streamed) at
+each concurrency, 8 prompts per client (at least 32), on every server that speaks /v1/completions.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -123,9 +125,9 @@ def main() -> None:
     cli.add_argument("--client-processes", type=int, default=4, help="bench.py's --client-processes")
     cli.add_argument("--stream-interval", type=int, default=1,
                      help="tokens per streamed chunk, for this server's engines and vLLM's own server")
-    cli.add_argument("--modes", nargs="+", choices=("stream", "whole", "eval"), default=["stream"],
+    cli.add_argument("--modes", nargs="+", choices=("stream", "whole", "eval", "vllm-bench"), default=["stream"],
                      help="one run per mode: bench.py with streamed answers, and/or whole ones (bench.py --no-stream), "
-                     "and/or an evaluation load (scripts/bench_eval_load.py)")
+                     "and/or an evaluation load (scripts/bench_eval_load.py), and/or vLLM's benchmark client")
     cli.add_argument("--eval-items", type=int, default=1000, help="--modes eval: multiple-choice items")
     cli.add_argument("--eval-generations", type=int, default=200, help="--modes eval: generate-until requests")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
@@ -156,6 +158,9 @@ def main() -> None:
                 if mode == "eval":
                     run_eval_load(urls, model, options)
                     continue
+                if mode == "vllm-bench":
+                    run_vllm_bench(urls, model, options)
+                    continue
                 out = options.out.with_name(options.out.name + ("" if mode == "stream" else "-whole"))
                 bench = [sys.executable, str(ROOT / "bench.py"), "--tokenizer", str(model), "--model", str(model),
                          "--no-progress", "--concurrency", *map(str, options.concurrency),
@@ -183,6 +188,41 @@ def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
         command += ["--url", url.rpartition("@")[0]]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=False)
+
+
+def run_vllm_bench(bench_urls: list[str], model: Path, options) -> None:
+    """vLLM's own benchmark client against each /v1/completions server, interleaved per concurrency level; prints
+    output tok/s (with the ratio to the first server), TTFT and TPOT medians, and requests that failed."""
+    targets = [(name, rest.partition("@")[0]) for name, _, rest in (url.partition("=") for url in bench_urls)
+               if rest.endswith("@completions")]
+    results = options.out.parent / f"{options.out.name}-vllm-bench"
+    results.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for concurrency in options.concurrency:
+        prompts = max(8 * concurrency, 32)
+        for name, url in targets:
+            result = results / f"{name}-c{concurrency}.json"
+            command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+                       "--base-url", url, "--model", str(model), "--tokenizer", str(model), "--dataset-name", "random",
+                       "--random-input-len", str(options.prompt_len), "--random-output-len", str(options.output_len),
+                       "--ignore-eos", "--max-concurrency", str(concurrency), "--num-prompts", str(prompts),
+                       "--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", str(results),
+                       "--result-filename", result.name]
+            print("$", " ".join(command), flush=True)
+            finished = subprocess.run(command, check=False, capture_output=True, text=True)
+            if finished.returncode or not result.exists():
+                print(f"{name} c={concurrency}: vllm bench serve failed:\n{finished.stderr[-2000:]}", flush=True)
+                continue
+            figures = json.loads(result.read_text())
+            rows.append((concurrency, name, figures["output_throughput"], figures["median_ttft_ms"],
+                         figures["median_tpot_ms"], prompts - figures["completed"]))
+    first = {concurrency: tok_s for concurrency, name, tok_s, *_ in rows if name == targets[0][0]}
+    print("\nvllm bench serve\n| concurrency | server | output tok/s | ratio to first | TTFT p50 ms | TPOT p50 ms "
+          "| failed |", flush=True)
+    for concurrency, name, tok_s, ttft, tpot, failed in rows:
+        ratio = tok_s / first[concurrency] if first.get(concurrency) else float("nan")
+        print(f"| {concurrency} | {name} | {tok_s:,.0f} | {ratio:.2f} | {ttft:.0f} | {tpot:.1f} | {failed} |",
+              flush=True)
 
 
 def print_requests_per_worker(bench_url: str) -> None:

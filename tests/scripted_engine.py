@@ -38,8 +38,8 @@ def scripted_client_of(engine: Engine, **settings):
 
 class ScriptedEngine(Engine):
     """Publishes fixed token lists, one token per update, as soon as a generation starts; `finish=None` leaves the
-    choices running (the engine would go on generating until told to stop). Prompt scoring gives every token the
-    same log-probability, `SCORED_LOGPROB`."""
+    choices running (the engine would go on generating until told to stop). Prompt scoring, and each published
+    token when logprobs are asked for, give every token the same log-probability, `SCORED_LOGPROB`."""
 
     model_name = "scripted"
     max_model_len = 1024
@@ -61,7 +61,8 @@ class ScriptedEngine(Engine):
             tokens = self.script[choice % len(self.script)]
             for position, token in enumerate(tokens):
                 last = position == len(tokens) - 1
-                stream.publish(ChoiceUpdate(choice, [token], None, self.finish if last else None))
+                logprobs = None if params.logprobs is None else [TokenLogprob(token, self.SCORED_LOGPROB)]
+                stream.publish(ChoiceUpdate(choice, [token], logprobs, self.finish if last else None))
         return stream
 
     @functools.cached_property

@@ -305,6 +305,41 @@ def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+MULTI_BYTE = "Tokyo 東京タワー, robots 🤖🤖 and 𝔘𝔫𝔦 text"
+
+
+def _assert_offsets_index_the_text(logprobs: dict, text: str) -> None:
+    offsets, tokens = logprobs["text_offset"], logprobs["tokens"]
+    assert "".join(tokens) == text
+    assert all(text[offset:offset + len(token)] == token for offset, token in zip(offsets, tokens, strict=True))
+
+
+def test_echoed_tokens_of_multi_byte_characters_read_as_in_the_text_so_offsets_index_it(tokenizer):
+    """A token holding part of a character's bytes reads "" until the token that finishes it (vLLM's server names
+    them so): alone each would read U+FFFD, the offsets after it would drift, and a client that splits context from
+    continuation by text_offset (lm-eval's) would count a token to the wrong side."""
+    answer = "🤖 東京"
+    client = scripted_client(tokenizer, [answer])
+    prompt_ids = tokenizer(MULTI_BYTE)["input_ids"]
+    assert any(tokenizer.decode([token]).endswith("\ufffd") for token in prompt_ids)  # characters split in bytes
+    body = {"prompt": MULTI_BYTE, "max_tokens": 8, "echo": True, "logprobs": 1, "prompt_logprobs": 0}
+    choice = client.post("/v1/completions", json=body).get_json()["choices"][0]
+    assert choice["text"] == MULTI_BYTE + answer
+    _assert_offsets_index_the_text(choice["logprobs"], MULTI_BYTE + answer)
+    assert "" in choice["logprobs"]["tokens"]
+    decoded = [next(iter(position.values()))["decoded_token"] for position in choice["prompt_logprobs"][1:]]
+    assert decoded == choice["logprobs"]["tokens"][1:len(prompt_ids)]
+    streamed = {"text": "", "tokens": [], "text_offset": []}
+    streamed_body = {**body, "stream": True, "prompt_logprobs": None}  # prompt_logprobs cannot stream (vLLM's rule)
+    for event in sse_events(client.post("/v1/completions", json=streamed_body))[:-1]:
+        part = json.loads(event.removeprefix(b"data: "))["choices"][0]
+        streamed["text"] += part["text"]
+        for key in ("tokens", "text_offset"):
+            streamed[key] += (part["logprobs"] or {}).get(key, [])
+    assert streamed["text"] == MULTI_BYTE + answer
+    _assert_offsets_index_the_text(streamed, MULTI_BYTE + answer)
+
+
 def test_an_engine_without_memory_for_a_prompt_now_answers_503_to_retry(tokenizer):
 
     class Busy(ScriptedEngine):

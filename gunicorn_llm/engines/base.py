@@ -16,7 +16,7 @@ import queue
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
@@ -173,6 +173,12 @@ class EngineDied(RuntimeError):
     """The engine cannot generate any more; the worker is replaced."""
 
 
+# What a tokenizer decodes an unfinished multi-byte character to: a byte-level piece of one, alone, ends with it
+REPLACEMENT_CHARACTER = "\ufffd"
+# The most tokens one UTF-8 character spans in byte-level vocabularies (one token per byte)
+UTF8_MAX_BYTES = 4
+
+
 class TokenTexts(dict):
     """token id -> its text alone, decoded on first use (a dict: a lookup is one C call)."""
 
@@ -183,6 +189,39 @@ class TokenTexts(dict):
     def __missing__(self, token_id: int) -> str:
         text = self[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def in_sequence(self, token_ids: Sequence[int], before: Sequence[int] = ()) -> list[str]:
+        """The tokens' texts as they read one after another (after the ids `before`): what each adds to the decoded
+        text, so that offsets summed from their lengths index that text. A token that is part of a multi-byte
+        character reads as the characters it finishes, "" until then, as vLLM's server names such tokens; alone it
+        would read as U+FFFD, and the offsets after it would drift from the text."""
+        pieces = [self[token] for token in token_ids]
+        for index, piece in enumerate(pieces):
+            if piece.endswith(REPLACEMENT_CHARACTER):
+                pieces[index] = self.finishing(token_ids[index], [*before[-UTF8_MAX_BYTES:], *token_ids[:index]])
+        return pieces
+
+    def at(self, token_id: int, preceding: Sequence[int]) -> str:
+        """`token_id`'s text after the ids `preceding` (an alternative at a position of a sequence)."""
+        piece = self[token_id]
+        return self.finishing(token_id, preceding) if piece.endswith(REPLACEMENT_CHARACTER) else piece
+
+    def finishing(self, token_id: int, preceding: Sequence[int]) -> str:
+        """The text a byte-level `token_id` adds after `preceding`: decoded with the shortest tail of `preceding`
+        that makes whole characters, less what that tail's own finished tokens read; "" if it finishes none."""
+        preceding = preceding[-UTF8_MAX_BYTES:]
+        for start in range(len(preceding) - 1, -1, -1):
+            tail = list(preceding[start:])
+            text = self.tokenizer.decode([*tail, token_id])
+            if text.endswith(REPLACEMENT_CHARACTER):
+                continue
+            # the tail's own unfinished pieces read "": their bytes belong to this token's characters
+            finished = len(tail)
+            while finished and self[tail[finished - 1]].endswith(REPLACEMENT_CHARACTER):
+                finished -= 1
+            head = self.tokenizer.decode(tail[:finished]) if finished else ""
+            return text[len(os.path.commonprefix([head, text])):]
+        return ""
 
 
 class Engine(ABC):

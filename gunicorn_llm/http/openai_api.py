@@ -18,13 +18,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import ValidationError
 
-from gunicorn_llm.engines.base import ClientGone, Engine, TokenLogprob
+from gunicorn_llm.engines.base import UTF8_MAX_BYTES, ClientGone, Engine, TokenLogprob
 from gunicorn_llm.engines.generation import ChoiceResult, TextDelta, TextGeneration
 from gunicorn_llm.http.chat_tools import ChatOutput, ToolUse
 from gunicorn_llm.http.common import (
@@ -135,18 +135,20 @@ def completions():
         for choice, result in enumerate(generation.collect()):
             text, logprobs = result.text, None
             if params.logprobs is not None:
-                logprobs = _completion_logprobs(engine, result.logprobs or [], 0)
+                logprobs = _completion_logprobs(engine, result.logprobs or [], 0, before=prompts[prompt_index])
             if echoed:
                 prompt_text, prompt_logprobs = echoed[prompt_index]
                 text = prompt_text + text
                 if logprobs is not None:
                     logprobs = _join_logprobs(
-                        prompt_logprobs, _completion_logprobs(engine, result.logprobs or [], len(prompt_text))
+                        prompt_logprobs, _completion_logprobs(engine, result.logprobs or [], len(prompt_text),
+                                                              before=prompts[prompt_index])
                     )
             choices.append({"index": prompt_index * params.n + choice, "text": text, "logprobs": logprobs,
                             "finish_reason": result.finish_reason})
             if scored is not None:
-                choices[-1]["prompt_logprobs"] = _prompt_logprobs(engine, scored[prompt_index], prompt_top)
+                choices[-1]["prompt_logprobs"] = _prompt_logprobs(engine, prompts[prompt_index], scored[prompt_index],
+                                                                  prompt_top)
             answer.completion_tokens += len(result.token_ids)
     answer.prompt_tokens = sum(len(ids) for ids in prompts)
     return jsonify({**answer.head(), "choices": choices, "usage": answer.usage()})
@@ -177,31 +179,40 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored:
     first = engine.token_texts[prompt_ids[0]]
     # the prompt may have been scored with more alternatives, for prompt_logprobs
     scored = [replace(entry, top=entry.top[: params.logprobs]) for entry in scored]
-    logprobs = _completion_logprobs(engine, scored, 0, first_token=first)
+    logprobs = _completion_logprobs(engine, scored, 0, first_token=first, before=prompt_ids[:1])
     return text, logprobs
 
 
-def _prompt_logprobs(engine: Engine, scored: list[TokenLogprob], top: int) -> list[dict | None]:
+def _prompt_logprobs(engine: Engine, prompt_ids: list[int], scored: list[TokenLogprob], top: int
+                     ) -> list[dict | None]:
     """vLLM's `prompt_logprobs` of a completion choice (or of a chat answer): null for the first prompt token, then
     for each one {token id: {logprob, rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to
-    top, the prompt token by how many are as likely or more); a log-probability of -inf is -9999, as vLLM's server
-    clamps it for JSON."""
+    top, the prompt token by how many are as likely or more), each token read after the prompt tokens before it; a
+    log-probability of -inf is -9999, as vLLM's server clamps it for JSON."""
+    texts = engine.token_texts
     positions: list[dict | None] = [None]
-    for entry in scored:
+    for position, entry in enumerate(scored, start=1):
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
         ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
+        preceding = prompt_ids[max(0, position - UTF8_MAX_BYTES):position]
         positions.append({str(token): {"logprob": max(logprob, -9999.0), "rank": rank,
-                                       "decoded_token": engine.token_texts[token]}
+                                       "decoded_token": texts.at(token, preceding)}
                           for token, (logprob, rank) in ranked.items()})
     return positions
 
 
-def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None):
-    """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts."""
+def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None,
+                         before: Sequence[int] = ()):
+    """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts, `before`:
+    the token ids before the first (each token is named as it reads in the sequence: TokenTexts.in_sequence)."""
     texts = engine.token_texts
-    pieces = [texts[token.token_id] for token in tokens]
+    ids = [token.token_id for token in tokens]
+    pieces = texts.in_sequence(ids, before)
+    sequence = [*before[-UTF8_MAX_BYTES:], *ids]
+    shift = len(sequence) - len(ids)
     result = {"tokens": pieces, "token_logprobs": [token.logprob for token in tokens],
-              "top_logprobs": [{texts[t]: lp for t, lp in token.top} for token in tokens]}
+              "top_logprobs": [{texts.at(t, sequence[max(0, index + shift - UTF8_MAX_BYTES):index + shift]): lp
+                                for t, lp in token.top} for index, token in enumerate(tokens)]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
         pieces.insert(0, first_token)
         result["token_logprobs"].insert(0, None)
@@ -226,14 +237,18 @@ def _completion_events(answer, prompts, generations, echoed, include_usage) -> I
                 yield answer.chunk([{"index": prompt_index * params.n + choice, "text": prompt_text,
                                      "logprobs": prompt_logprobs, "finish_reason": None}])
         sent = {choice: len(echoed[prompt_index][0]) if echoed else 0 for choice in range(params.n)}
+        # each choice's last token ids: a token is named as it reads after them
+        recent = dict.fromkeys(range(params.n), prompts[prompt_index][-UTF8_MAX_BYTES:])
         for delta in generation:
             answer.completion_tokens += len(delta.token_ids)
             if not (delta.text or delta.finish_reason or delta.logprobs):
                 continue
             logprobs = None
             if params.logprobs is not None:
-                logprobs = _completion_logprobs(engine, delta.logprobs or [], sent[delta.choice])
+                logprobs = _completion_logprobs(engine, delta.logprobs or [], sent[delta.choice],
+                                                before=recent[delta.choice])
             sent[delta.choice] += len(delta.text)
+            recent[delta.choice] = [*recent[delta.choice], *delta.token_ids][-UTF8_MAX_BYTES:]
             yield answer.chunk([{"index": prompt_index * params.n + delta.choice, "text": delta.text,
                                  "logprobs": logprobs, "finish_reason": delta.finish_reason}])
     if include_usage:
@@ -281,7 +296,7 @@ def chat_completions():
         })
     body = {**answer.head(), "choices": choices, "usage": answer.usage()}
     if scored is not None:
-        body["prompt_logprobs"] = _prompt_logprobs(engine, scored, request.prompt_logprobs)
+        body["prompt_logprobs"] = _prompt_logprobs(engine, prompt_ids, scored, request.prompt_logprobs)
     return jsonify(body)
 
 
