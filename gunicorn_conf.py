@@ -13,7 +13,7 @@ import tempfile
 from gunicorn_llm.ops import slice_engines, systemd_notify
 from gunicorn_llm.ops.dispatcher import GPUDispatcher, NoFreeSliceError, cut_slices, discover_devices, pin_slice
 from gunicorn_llm.ops.engine_processes import end_own_group, end_worker_group, lead_own_group
-from gunicorn_llm.settings import load_settings
+from gunicorn_llm.settings import VLLM_FRONT_ENDS_PER_GPU, load_settings
 
 WORKER_BOOT_ERROR = 3  # gunicorn's status for a worker that cannot boot: the master stops instead of respawning
 
@@ -29,11 +29,14 @@ if os.environ.get("GUNICORN_LLM_CONFIG_PID") != str(os.getpid()):
     else:
         for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
             os.unlink(stale.path)
+devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)
+if "WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and devices[0].pin != "":
+    # The vLLM engine's default on GPUs: front ends sharing each slice's engine core (VLLM_FRONT_ENDS_PER_GPU says
+    # why). Set in the environment, so the workers, the supervisors and a HUP's re-run of this file all see it.
+    os.environ["WORKERS_PER_GPU"] = str(VLLM_FRONT_ENDS_PER_GPU)
+    settings = load_settings()
 dispatcher = GPUDispatcher(
-    cut_slices(
-        discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers),
-        settings.per_proc_gpus,
-    ),
+    cut_slices(devices, settings.per_proc_gpus),
     holders_per_slice=settings.workers_per_gpu,
     state_file=settings.dispatcher_state,
 )

@@ -493,3 +493,25 @@ def test_a_cpu_worker_with_several_cores_keeps_one_free_of_vllm_compute_threads(
         assert vllm_compute_cores((3,)) == (3,) and vllm_compute_cores((4, 5, 6)) == (4, 5)
     finally:
         os.sched_setaffinity(0, cores)
+
+
+def _sized_by_the_config(tmp_path: Path, **env: str) -> tuple[int, int]:
+    """gunicorn_conf.py's worker count and workers per slice, read in a fresh interpreter (it sizes at import)."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("WORKERS_PER_GPU", "GPU_IDS", "INFER_TYPE", "CPU_WORKERS")}
+    environment |= {"DISPATCHER_STATE": str(tmp_path / "slices.json"),
+                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), **env}
+    read = "import gunicorn_conf as c; print(c.workers, c.settings.workers_per_gpu)"
+    printed = subprocess.run([sys.executable, "-c", read], cwd=Path(__file__).resolve().parent.parent,
+                             env=environment, capture_output=True, text=True, check=True).stdout.split()
+    return int(printed[0]), int(printed[1])
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"GPU_IDS": "0,1", "INFER_TYPE": "vllm"}, (8, 4)),  # the vLLM engine on GPUs: four front ends per slice
+    ({"GPU_IDS": "0,1", "INFER_TYPE": "vllm", "WORKERS_PER_GPU": "1"}, (2, 1)),  # an explicit choice stands
+    ({"GPU_IDS": "0,1", "INFER_TYPE": "transformers"}, (2, 1)),  # each worker a model copy: one per GPU
+    ({"INFER_TYPE": "vllm", "CPU_WORKERS": "1", "CUDA_VISIBLE_DEVICES": ""}, (1, 1)),  # no GPU: one worker
+])
+def test_workers_per_slice_default_to_four_front_ends_for_the_vllm_engine_on_gpus_only(tmp_path, env, expected):
+    assert _sized_by_the_config(tmp_path, **env) == expected
