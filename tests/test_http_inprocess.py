@@ -340,6 +340,20 @@ def test_echoed_tokens_of_multi_byte_characters_read_as_in_the_text_so_offsets_i
     _assert_offsets_index_the_text(streamed, MULTI_BYTE + answer)
 
 
+def test_chat_logprobs_name_multi_byte_characters_as_they_read_whole_and_streamed(tokenizer):
+    answer = "robots 🤖🤖 at 東京タワー"
+    client = scripted_client(tokenizer, [answer])
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16, "logprobs": True, "top_logprobs": 1}
+    whole = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]
+    tokens = [entry["token"] for entry in whole["logprobs"]["content"]]
+    assert "".join(tokens) == whole["message"]["content"] == answer and "" in tokens
+    streamed = []
+    for event in sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))[:-1]:
+        logprobs = json.loads(event.removeprefix(b"data: "))["choices"][0]["logprobs"]
+        streamed += [entry["token"] for entry in (logprobs or {}).get("content", [])]
+    assert streamed == tokens
+
+
 def test_an_engine_without_memory_for_a_prompt_now_answers_503_to_retry(tokenizer):
 
     class Busy(ScriptedEngine):

@@ -314,14 +314,22 @@ def chat_prompt_ids(engine: Engine, request: ChatTemplateControls, tools: list[d
     return encode_text(engine, text, request.add_special_tokens, "messages")
 
 
-def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob]) -> dict:
-    def entry(token_id: int, logprob: float) -> dict:
-        piece = engine.token_texts[token_id]
+def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob], before: Sequence[int] = ()) -> dict:
+    """OpenAI's chat `logprobs` object; each token named as it reads after the generated ids before it (`before`:
+    those of earlier chunks), as vLLM names them (TokenTexts.in_sequence)."""
+    texts = engine.token_texts
+    ids = [token.token_id for token in tokens]
+    sequence = [*before[-UTF8_MAX_BYTES:], *ids]
+    shift = len(sequence) - len(ids)
+
+    def entry(piece: str, logprob: float) -> dict:
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     return {"content": [
-        {**entry(token.token_id, token.logprob), "top_logprobs": [entry(t, lp) for t, lp in token.top]}
-        for token in tokens
+        {**entry(piece, token.logprob),
+         "top_logprobs": [entry(texts.at(t, sequence[max(0, index + shift - UTF8_MAX_BYTES):index + shift]), lp)
+                          for t, lp in token.top]}
+        for index, (token, piece) in enumerate(zip(tokens, texts.in_sequence(ids, before), strict=True))
     ]}
 
 
@@ -331,13 +339,17 @@ def _chat_events(answer, generation: TextGeneration, output: ChatOutput, include
     for choice in range(params.n):
         yield answer.chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
+    recent: dict[int, list[int]] = dict.fromkeys(range(params.n), [])  # each choice's last ids, to name tokens after
     for delta in generation:
         answer.completion_tokens += len(delta.token_ids)
+        before, recent[delta.choice] = recent[delta.choice], [*recent[delta.choice], *delta.token_ids][-UTF8_MAX_BYTES:]
         stream = streams[delta.choice]
         fields = stream.delta(delta.text, delta.token_ids, finished=delta.finish_reason is not None)
         if not (fields or delta.finish_reason or delta.logprobs):
             continue
-        logprobs = _chat_logprobs(answer.engine, delta.logprobs or []) if params.logprobs is not None else None
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = _chat_logprobs(answer.engine, delta.logprobs or [], before)
         yield answer.chunk([{"index": delta.choice, "delta": fields or {}, "logprobs": logprobs,
                              "finish_reason": stream.finish_reason(delta.finish_reason)}])
     if include_usage:
