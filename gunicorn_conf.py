@@ -30,9 +30,11 @@ if os.environ.get("GUNICORN_LLM_CONFIG_PID") != str(os.getpid()):
         for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
             os.unlink(stale.path)
 devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)
-if "WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and devices[0].pin != "":
-    # The vLLM engine's default on GPUs: front ends sharing each slice's engine core (VLLM_FRONT_ENDS_PER_GPU says
-    # why). Set in the environment, so the workers, the supervisors and a HUP's re-run of this file all see it.
+if ("WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and devices[0].pin != ""
+        and settings.per_proc_gpus == 1):
+    # The vLLM engine's default on single-GPU slices: front ends sharing each slice's engine core
+    # (VLLM_FRONT_ENDS_PER_GPU says why; tensor-parallel slices keep one worker until measured). Set in the
+    # environment, so the workers, the supervisors and a HUP's re-run of this file all see it.
     os.environ["WORKERS_PER_GPU"] = str(VLLM_FRONT_ENDS_PER_GPU)
     settings = load_settings()
 dispatcher = GPUDispatcher(

@@ -39,9 +39,10 @@ def _setting(default, env: str, flags: str | tuple[str, ...] | None, help: str, 
     return Field(default, validation_alias=env, description=help, json_schema_extra=extra, **checks)
 
 
-# --workers-per-gpu's default for the vLLM engine on GPUs (elsewhere 1): four front ends over each slice's engine
-# core. Measured on one H100 against vLLM's own server (1.7B shape, 256 clients; docs/benchmarks.md): 1.99x streamed
-# and 1.08x whole answers, where one worker gave 1.03x and 0.85x; at one client it costs ~7% (one more process hop).
+# --workers-per-gpu's default for the vLLM engine on slices of one GPU (elsewhere 1; tensor-parallel slices were not
+# measured with several front ends): four front ends over each slice's engine core. Measured on one H100 against
+# vLLM's own server (1.7B shape, 256 clients; docs/benchmarks.md): 1.99x streamed and 1.08x whole answers, where one
+# worker gave 1.03x and 0.85x; at one client it costs ~7% (one more process hop).
 VLLM_FRONT_ENDS_PER_GPU = 4
 
 
@@ -68,12 +69,12 @@ class ServerSettings(BaseSettings):
     )
     workers_per_gpu: int = _setting(
         1, "WORKERS_PER_GPU", ("--workers-per-gpu", "--workers_per_gpu"),
-        "workers per slice (default 1; vLLM engine on GPUs: 4); vLLM: front ends sharing one engine core, "
+        "workers per slice (default 1; vLLM engine on one-GPU slices: 4); vLLM: front ends sharing one engine core, "
         "transformers: model instances",
         doc="workers per slice (GPU slice, or CPU worker's share). vLLM engine: the slice runs one engine core and "
         "these workers are its front ends, each with its own Python, all feeding its one continuous batch "
         "(`docs/architecture.md`); transformers engine: each worker loads its own model instance",
-        shown_default="1; vLLM engine on GPUs: 4", ge=1, le=64,
+        shown_default="1; vLLM engine on one-GPU slices: 4", ge=1, le=64,
     )
     cpu_workers: int = _setting(
         1, "CPU_WORKERS", "--cpu-workers", "workers when there is no GPU",

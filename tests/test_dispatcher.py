@@ -498,7 +498,7 @@ def test_a_cpu_worker_with_several_cores_keeps_one_free_of_vllm_compute_threads(
 def _sized_by_the_config(tmp_path: Path, **env: str) -> tuple[int, int]:
     """gunicorn_conf.py's worker count and workers per slice, read in a fresh interpreter (it sizes at import)."""
     environment = {key: value for key, value in os.environ.items()
-                   if key not in ("WORKERS_PER_GPU", "GPU_IDS", "INFER_TYPE", "CPU_WORKERS")}
+                   if key not in ("WORKERS_PER_GPU", "GPU_IDS", "INFER_TYPE", "CPU_WORKERS", "PER_PROC_GPUS")}
     environment |= {"DISPATCHER_STATE": str(tmp_path / "slices.json"),
                     "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), **env}
     read = "import gunicorn_conf as c; print(c.workers, c.settings.workers_per_gpu)"
@@ -511,7 +511,8 @@ def _sized_by_the_config(tmp_path: Path, **env: str) -> tuple[int, int]:
     ({"GPU_IDS": "0,1", "INFER_TYPE": "vllm"}, (8, 4)),  # the vLLM engine on GPUs: four front ends per slice
     ({"GPU_IDS": "0,1", "INFER_TYPE": "vllm", "WORKERS_PER_GPU": "1"}, (2, 1)),  # an explicit choice stands
     ({"GPU_IDS": "0,1", "INFER_TYPE": "transformers"}, (2, 1)),  # each worker a model copy: one per GPU
+    ({"GPU_IDS": "0,1", "INFER_TYPE": "vllm", "PER_PROC_GPUS": "2"}, (1, 1)),  # tensor parallel: not measured
     ({"INFER_TYPE": "vllm", "CPU_WORKERS": "1", "CUDA_VISIBLE_DEVICES": ""}, (1, 1)),  # no GPU: one worker
 ])
-def test_workers_per_slice_default_to_four_front_ends_for_the_vllm_engine_on_gpus_only(tmp_path, env, expected):
+def test_vllm_front_ends_per_slice_default_to_four_on_one_gpu_slices_only(tmp_path, env, expected):
     assert _sized_by_the_config(tmp_path, **env) == expected
