@@ -5,8 +5,8 @@ concurrently (queued prompts wait, a finished slot is refilled by moving the las
 crosses from the 128-column length bucket into the next); prompts sharing a prefix (run once, or copied from a
 running slot); n=2; the three ends of a choice (`max_tokens`, a stop token, the `max_len` cap) and the prompt-length
 refusal; cancelling; the sampling path (top-k 1 equals greedy, also in one step with a top-p sampled row and a greedy
-row); `paused`; the loop's death (`on_death`, open and queued
-streams fail, later `start`s are refused); `supports` and `can_serve`; how many slots a cache budget holds.
+row); `paused`; the loop's death (`on_death`, open and queued streams fail, later `start`s are refused); `supports`
+and `can_serve`; how many slots a cache budget holds.
 
 Every request on the fast path, against the engine's batched-generate path or transformers' own processors: a
 greedy request's seed changes nothing and keeps it on the slot path; seeded sampling gives the same tokens alone
