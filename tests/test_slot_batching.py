@@ -2,10 +2,11 @@
 
 Covered: greedy answers equal plain transformers `generate` token for token while more prompts than slots run
 concurrently (queued prompts wait, a finished slot is refilled by moving the last running sequence, a sequence
-crosses from the 128-column length bucket into the next); n=2; the three ends of a choice (`max_tokens`, a stop
-token, the `max_len` cap) and the prompt-length refusal; cancelling; the sampling path (top-k 1 equals greedy, also
-in one step with a top-p sampled row and a greedy row); `paused`; the loop's death (`on_death`, open and queued
-streams fail, later `start`s are refused); `supports` and `can_serve`; how many slots a cache budget holds.
+crosses from the 128-column length bucket into the next); prompts sharing a prefix (run once, or copied from a
+running slot); n=2; the three ends of a choice (`max_tokens`, a stop token, the `max_len` cap) and the prompt-length
+refusal; cancelling; the sampling path (top-k 1 equals greedy, also in one step with a top-p sampled row and a greedy
+row); `paused`; the loop's death (`on_death`, open and queued streams fail, later `start`s are refused); `supports`
+and `can_serve`; how many slots a cache budget holds.
 
 Every request on the fast path, against the engine's batched-generate path or transformers' own processors: a
 greedy request's seed changes nothing and keeps it on the slot path; seeded sampling gives the same tokens alone
@@ -17,6 +18,7 @@ min-p equal transformers' warpers; prompt log-probabilities of requests waiting 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from types import SimpleNamespace
@@ -181,6 +183,32 @@ def test_concurrent_greedy_prompts_through_fewer_slots_equal_plain_generate(slot
     assert max(queued for _, queued, _ in slots.steps) > SLOTS, "no prompt waited for a slot"
     assert any(any(t < s for s, t in zip(sources, targets, strict=True)) for sources, targets in moves), \
         f"no running sequence was moved down into a freed slot: {moves}"
+
+
+def test_prompts_sharing_a_prefix_run_it_once_and_equal_plain_generate(slots, reference_model, tokenizer,
+                                                                      monkeypatch):
+    """Few-shot prompts: the examples they start with run once for the prompts prefilled together, in the first
+    one's slot, and are copied from a running one's slot for a prompt that arrives later; every answer equals plain
+    generate's."""
+    shots = tokenizer(TEXT)["input_ids"][:100]
+    prompts = [shots + tokenizer(question)["input_ids"] for question in
+               ("\nQuestion: who built the first press?\nAnswer:", "\nQuestion: what got cheaper?\nAnswer:",
+                "\nQuestion: when did books spread?\nAnswer:")]
+    expected = [greedy_ids(reference_model, ids, 24) for ids in prompts]
+    copies: list[tuple[int, list[int], int]] = []
+    copy_prefix = slots.engine.cache.copy_prefix
+    monkeypatch.setattr(slots.engine.cache, "copy_prefix", lambda source, targets, length: (
+        copies.append((source, list(targets), length)), copy_prefix(source, targets, length))[-1])
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    with slots.engine.paused():
+        streams = [slots.engine.start(ids, params, NO_STOP) for ids in prompts[:2]]
+    assert wait_until(lambda: copies), "the two prompts waiting together did not share their prefix"
+    streams.append(slots.engine.start(prompts[2], params, NO_STOP))  # while the first two decode
+    assert [collect(stream)[0] for stream in streams] == [{0: want} for want in expected]
+    shared = len(os.path.commonprefix(prompts))  # the examples and "\nQuestion:", alike for every pair
+    assert shared > len(shots)
+    assert copies[0] == (0, [1], shared)
+    assert copies[1][0] in (0, 1) and copies[1][1:] == ([2], shared), copies
 
 
 def test_n2_greedy_choices_both_equal_plain_generate(slots, reference_model, tokenizer):

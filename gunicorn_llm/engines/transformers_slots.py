@@ -10,7 +10,9 @@ Layout: each running sequence owns a slot, a row of one preallocated cache [keys
 max length, head dim], and writes its token at position p into column p. Running sequences always occupy slots
 0..n-1 (a finished sequence's slot is refilled by moving the last one), so a decode step runs the graph of the
 smallest batch bucket >= n and the smallest length bucket that holds the longest sequence; rows past n compute
-garbage nobody reads. New prompts are prefilled eagerly, several together, into their slots.
+garbage nobody reads. New prompts are prefilled eagerly, several together, into their slots; the tokens they all
+start with (few-shot examples, a system prompt) are copied from a running sequence's slot that holds them, or else run
+once and copied (on CPU, 1.5-2x faster on a 5-shot load: docs/benchmarks.md).
 
 The model runs unmodified: `SlotCache` is its `past_key_values` (attention layers call only `update`), and a 4D
 mask limits each row to its own tokens. Sampling runs after the graph, every row under its own request's parameters
@@ -22,6 +24,7 @@ generation request can be served here, constrained and unconstrained ones in the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -40,6 +43,7 @@ log = logging.getLogger("gunicorn.error")
 
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens in one prefill forward pass
 SMALLEST_LENGTH_BUCKET = 128
+MIN_SHARED_PREFIX = 32  # prompt tokens shared by a prefill batch's prompts below which each runs its own
 
 
 def supports(config, max_len: int) -> bool:
@@ -97,23 +101,31 @@ class SlotCache:
         `length` columns."""
         self._decode, self._prefill = (rows, length, positions), None
 
-    def for_prefill(self, first_slot: int, prompts: int, width: int) -> None:
-        """Next: whole prompts (right-padded to `width`) written into consecutive slots from `first_slot`."""
-        self._decode, self._prefill = None, (first_slot, prompts, width)
+    def for_prefill(self, first_slot: int, prompts: int, width: int, offset: int = 0) -> None:
+        """Next: prompts (right-padded to `width`) written into consecutive slots from `first_slot`, from column
+        `offset` on; attention reads the columns before it too (a shared prefix already in those slots)."""
+        self._decode, self._prefill = None, (first_slot, prompts, width, offset)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.kv[0, layer_idx], self.kv[1, layer_idx]
         if self._prefill is not None:
-            first, prompts, width = self._prefill
-            keys[first : first + prompts, :, :width] = key_states
-            values[first : first + prompts, :, :width] = value_states
-            return key_states, value_states  # a new prompt attends to itself only
+            first, prompts, width, offset = self._prefill
+            rows = slice(first, first + prompts)
+            keys[rows, :, offset : offset + width] = key_states
+            values[rows, :, offset : offset + width] = value_states
+            if not offset:
+                return key_states, value_states  # a new prompt attends to itself only
+            return keys[rows, :, : offset + width], values[rows, :, : offset + width]  # and to its shared prefix
         rows, length, positions = self._decode
         keys, values = keys[:rows, :, :length], values[:rows, :, :length]
         index = positions.view(rows, 1, 1, 1).expand_as(key_states)
         keys.scatter_(2, index, key_states)
         values.scatter_(2, index, value_states)
         return keys, values
+
+    def copy_prefix(self, source: int, targets: range, length: int) -> None:
+        """Copy the first `length` columns of slot `source` into the consecutive slots `targets`."""
+        self.kv[:, :, targets.start : targets.stop, :, :length] = self.kv[:, :, source : source + 1, :, :length]
 
     def move(self, sources: list[int], targets: list[int]) -> None:
         """Copy whole slots (every layer's keys and values) from `sources` to `targets`, in one kernel."""
@@ -284,14 +296,44 @@ class SlotBatching(ContinuousPath):
         self._last_prefill_seconds = time.monotonic() - started
 
     def _prefill_logits(self, batch: list[_Sequence], first_slot: int) -> torch.Tensor:
-        width = max(len(sequence.prompt_ids) for sequence in batch)
-        ids = torch.tensor([s.prompt_ids + [0] * (width - len(s.prompt_ids)) for s in batch], device=self.device)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in batch], device=self.device)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril().view(1, 1, width, width)
-        self.cache.for_prefill(first_slot, len(batch), width)
-        hidden = self.decoder(input_ids=ids, position_ids=self._columns[:width].expand(len(batch), width),
-                              attention_mask=causal, past_key_values=self.cache, use_cache=True).last_hidden_state
+        shared = self._shared_prefix(batch, first_slot)
+        rows = [sequence.prompt_ids[shared:] for sequence in batch]
+        hidden = self._prefill_hidden(rows, first_slot, shared)
+        last = torch.tensor([len(row) - 1 for row in rows], device=self.device)
         return self.head(hidden[torch.arange(len(batch), device=self.device), last]).float()
+
+    def _prefill_hidden(self, rows: list[list[int]], first_slot: int, offset: int) -> torch.Tensor:
+        """Run token rows (right-padded) into consecutive slots from `first_slot`, after `offset` columns those
+        slots already hold; each row attends to those columns and to its own tokens up to itself."""
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        positions = self._columns[offset : offset + width]
+        causal = (self._columns[: offset + width] <= positions[:, None]).view(1, 1, width, offset + width)
+        self.cache.for_prefill(first_slot, len(rows), width, offset)
+        return self.decoder(input_ids=ids, position_ids=positions.expand(len(rows), width), attention_mask=causal,
+                            past_key_values=self.cache, use_cache=True).last_hidden_state
+
+    def _shared_prefix(self, batch: list[_Sequence], first_slot: int) -> int:
+        """Put the keys and values of the prompt tokens the batch's prompts all start with (few-shot examples, a
+        system prompt; all but the last token) into the batch's slots: copied from a running sequence whose prompt
+        starts the same way, else run once in the first slot and copied to the others. How many columns they now
+        hold (0: too few shared tokens to bother)."""
+        prompts = [sequence.prompt_ids for sequence in batch]
+        common = min(len(os.path.commonprefix(prompts)), min(len(prompt) for prompt in prompts) - 1)
+        if common < MIN_SHARED_PREFIX:
+            return 0
+        targets = range(first_slot, first_slot + len(batch))
+        prefix = prompts[0][:common]
+        reused, source = max((len(os.path.commonprefix([sequence.prompt_ids, prefix])), slot)
+                             for slot, sequence in enumerate(self._running[:first_slot])) if first_slot else (0, 0)
+        if reused >= MIN_SHARED_PREFIX:
+            self.cache.copy_prefix(source, targets, reused)
+            return reused
+        if len(batch) == 1:
+            return 0
+        self._prefill_hidden([prefix], first_slot, 0)
+        self.cache.copy_prefix(first_slot, targets[1:], common)
+        return common
 
     def _decode_logits(self, rows: int, length: int) -> torch.Tensor:
         """One decode step for the first `rows` slots, reading `length` cache columns: what the graphs capture."""
