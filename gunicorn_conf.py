@@ -29,8 +29,9 @@ if os.environ.get("GUNICORN_LLM_CONFIG_PID") != str(os.getpid()):
     else:
         for stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
             os.unlink(stale.path)
-devices = discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers)
-if ("WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and devices[0].pin != ""
+slices = cut_slices(discover_devices(settings.gpu_ids, settings.cuda_visible_devices, settings.cpu_workers),
+                    settings.per_proc_gpus)
+if ("WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and not slices[0].is_cpu
         and settings.per_proc_gpus == 1):
     # The vLLM engine's default on single-GPU slices: front ends sharing each slice's engine core
     # (VLLM_FRONT_ENDS_PER_GPU says why; tensor-parallel slices keep one worker until measured). Set in the
@@ -38,7 +39,7 @@ if ("WORKERS_PER_GPU" not in os.environ and settings.infer_type == "vllm" and de
     os.environ["WORKERS_PER_GPU"] = str(VLLM_FRONT_ENDS_PER_GPU)
     settings = load_settings()
 dispatcher = GPUDispatcher(
-    cut_slices(devices, settings.per_proc_gpus),
+    slices,
     holders_per_slice=settings.workers_per_gpu,
     state_file=settings.dispatcher_state,
 )
