@@ -11,7 +11,10 @@
                           `--per_proc_gpus 1` one's (both servers up at once, so the GPUs must hold both).
   orphans MODEL_DIR       this server (vLLM engine, its engine core in a process of its own; --per-proc-gpus 2:
                           tensor parallel) under load: kill -9 of the worker, HUP, SIGTERM, and kill -9 of the
-                          master; nvidia-smi's compute processes before and after each.
+                          master; nvidia-smi's compute processes before and after each. Where the slice's front ends
+                          share one engine core (--workers-per-gpu above 1, the one-GPU default): kill -9 of one
+                          front end (the others go on, a replacement attaches without loading), kill -9 of the
+                          engine core (the supervisor launches another), HUP, SIGTERM, kill -9 of the master.
   orphans-master MODEL_DIR  only the last of those: kill -9 of the master under load.
 
 Usage: python3 scripts/gpu_vllm_checks.py ceiling|correctness|parallel|orphans|orphans-master DIR \
@@ -183,9 +186,10 @@ def show(what: str) -> list[tuple[int, int]]:
     return processes
 
 
-def under_load(url: str) -> Load:
-    """16 clients streaming completions of 64 tokens (EOS ignored) until stopped."""
-    return Load(url, clients=16, route="/v1/completions", max_tokens=64, timeout_s=60, max_s=3600, model=None).start()
+def under_load(url: str, clients: int) -> Load:
+    """`clients` threads asking for completions of 64 tokens (EOS ignored) until stopped."""
+    return Load(url, clients=clients, route="/v1/completions", max_tokens=64, timeout_s=60, max_s=3600,
+                model=None).start()
 
 
 def counts(load: Load) -> dict:
@@ -207,15 +211,20 @@ def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
 def orphan_server_args(options) -> list[str]:
     return ["--infer_type", "vllm", "--max-model-len", "1024", "--gpu-memory-utilization",
             str(options.gpu_memory_utilization), "--enforce-eager", "--timeout", "30",
-            "--per_proc_gpus", str(options.per_proc_gpus)]
+            "--per_proc_gpus", str(options.per_proc_gpus),
+            *(["--workers-per-gpu", str(options.workers_per_gpu)] if options.workers_per_gpu else [])]
 
 
 def orphans(model: Path, options) -> None:
     with Servers(STOP_WAIT_S) as servers:
         server = servers.add(Server(model, *orphan_server_args(options), log=options.out / "orphans.log"))
         worker = server.ready()["pid"]
+        if workers_state(server).get("engine_cores"):
+            orphans_shared(server, options)
+            orphans_master(model, options)
+            return
         before = {pid for pid, _ in show("loaded")}
-        load = under_load(server.url)
+        load = under_load(server.url, options.clients)
         time.sleep(3)
         os.kill(worker, signal.SIGKILL)
         gone = wait_gone(before)
@@ -231,7 +240,7 @@ def orphans(model: Path, options) -> None:
         print(f"HUP under load: the old engine's GPU processes gone after {gone:.1f} s; new worker {worker}")
         before = {pid for pid, _ in show("after HUP")}
         print("requests during the kill and the reload:", counts(load), flush=True)
-        load = under_load(server.url)
+        load = under_load(server.url, options.clients)
         time.sleep(3)
         os.kill(server.process.pid, signal.SIGTERM)
         code = server.process.wait(timeout=120)
@@ -241,12 +250,95 @@ def orphans(model: Path, options) -> None:
     orphans_master(model, options)
 
 
+def workers_state(server: Server) -> dict:
+    answer = requests.get(f"{server.url}/workers", timeout=5)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def front_ends_and_core(server: Server, timeout_s: float = 300, not_before: int = -1) -> tuple[list[int], dict]:
+    """Once every worker is ready over a ready engine core launched after generation `not_before`: the workers'
+    pids and the core's state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = workers_state(server)
+        except requests.RequestException:
+            state = {}
+        core = (state.get("engine_cores") or [{}])[0]
+        if (core.get("ready") and core["generation"] > not_before and state["workers"] == len(state["ready"])
+                and all(worker["pid"] != 0 for worker in state["ready"])):
+            return sorted(worker["pid"] for worker in state["ready"]), core
+        time.sleep(0.2)
+    raise SystemExit(f"the workers and their engine core were not ready after {timeout_s} s")
+
+
+def orphans_shared(server: Server, options) -> None:
+    """Faults of a slice whose front ends share one engine core, each under load; GPU processes before and after."""
+    front_ends, core = front_ends_and_core(server)
+    before = {pid for pid, _ in show(f"loaded: front ends {front_ends} over engine core {core['engine_core_pids']}")}
+
+    load = under_load(server.url, options.clients)
+    time.sleep(3)
+    victim, killed = front_ends[0], time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while True:  # the replacement: every worker ready again, the victim not among them
+        now, _ = front_ends_and_core(server)
+        if victim not in now:
+            break
+        time.sleep(0.2)
+    attached = time.monotonic() - killed
+    time.sleep(2)
+    outcomes = load.stop()
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    served = {}
+    for outcome in outcomes:
+        if outcome.ok:
+            served[outcome.worker] = served.get(outcome.worker, 0) + 1
+    print(f"kill -9 of front end {victim} under load ({options.clients} clients): a replacement attached after "
+          f"{attached:.1f} s; requests answered {len(outcomes) - len(failed)} (by worker {served}), failed "
+          f"{len(failed)} ({sorted({outcome.kind for outcome in failed})})", flush=True)
+    after = {pid for pid, _ in show("after the front end's replacement")}
+    print(f"  the engine core's GPU processes unchanged (no model loaded again): {after == before}", flush=True)
+
+    load = under_load(server.url, options.clients)
+    time.sleep(3)
+    killed = time.monotonic()
+    os.kill(core["engine_core_pids"][0], signal.SIGKILL)
+    front_ends, core = front_ends_and_core(server, not_before=core["generation"])
+    recovered = time.monotonic() - killed
+    print(f"kill -9 of the engine core under load: the slice ready again after {recovered:.1f} s, on engine core "
+          f"{core['engine_core_pids']} (generation {core['generation']}); requests: {counts(load)}", flush=True)
+    print(f"  the old core's GPU processes gone: {not (before & {pid for pid, _ in show('after the relaunch')})}")
+
+    before = {pid for pid, _ in gpu_processes()}
+    load = under_load(server.url, options.clients)
+    time.sleep(3)
+    os.kill(server.process.pid, signal.SIGHUP)
+    time.sleep(2)
+    now, _ = front_ends_and_core(server)
+    while set(now) & set(front_ends):
+        time.sleep(0.2)
+        now, _ = front_ends_and_core(server)
+    time.sleep(2)
+    print(f"HUP under load: front ends {front_ends} replaced by {now}; requests: {counts(load)}", flush=True)
+    print(f"  the engine core's GPU processes unchanged: {before == {pid for pid, _ in show('after HUP')}}")
+
+    load = under_load(server.url, options.clients)
+    time.sleep(3)
+    os.kill(server.process.pid, signal.SIGTERM)
+    code = server.process.wait(timeout=120)
+    print(f"SIGTERM under load: master exited {code}; requests: {counts(load)}")
+    print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
+    show("after SIGTERM")
+
+
 def orphans_master(model: Path, options) -> None:
     with Servers(STOP_WAIT_S) as servers:  # stops the server only if the check failed before the kill
         server = servers.add(Server(model, *orphan_server_args(options), log=options.out / "orphans-master.log"))
         server.ready()
         before = {pid for pid, _ in show("second server loaded")}
-        load = under_load(server.url)
+        load = under_load(server.url, options.clients)
         time.sleep(3)
         os.kill(server.process.pid, signal.SIGKILL)
         print(f"kill -9 of the master under load: its worker's engine GPU processes gone after "
@@ -262,6 +354,8 @@ def main() -> None:
     cli.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     cli.add_argument("--max-model-len", type=int, default=1024)
     cli.add_argument("--per-proc-gpus", type=int, default=1, help="orphans: GPUs per worker (tensor parallel)")
+    cli.add_argument("--workers-per-gpu", type=int, help="orphans: front ends per slice (default: the server's)")
+    cli.add_argument("--clients", type=int, default=16, help="orphans: the load's client threads")
     cli.add_argument("--requests", type=int, nargs="+", default=[64, 256])
     cli.add_argument("--prompt-len", type=int, default=128)
     cli.add_argument("--output-len", type=int, default=128)

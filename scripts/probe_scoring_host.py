@@ -15,7 +15,9 @@ CPU:
   long evaluation's steady state (the token texts remembered, Engine.token_texts).
 
 Prints milliseconds per request for each (wall clock and this process's CPU time, all threads) and, with --profile,
-cProfile's top functions of each part.
+cProfile's top functions of each part. On a GPU, --passes waits for the device around each forward pass and prints
+the passes grouped by shape (rows, new tokens per row, cached tokens per row: how much of each is padding), and
+--torch-profile prints the operators that took the device's time.
 
 Usage: python scripts/probe_scoring_host.py CONFIG_AND_TOKENIZER_DIR [--shape tiny] [--items 64] [--burst 64]
 """
@@ -44,6 +46,9 @@ def main() -> None:
     cli.add_argument("--burst", type=int, default=64, help="requests scored together")
     cli.add_argument("--dtype", default="bfloat16")
     cli.add_argument("--profile", action="store_true", help="print cProfile's top functions of each part")
+    cli.add_argument("--passes", action="store_true", help="time each forward pass alone (device synchronised)")
+    cli.add_argument("--torch-profile", action="store_true", help="print the top operators by device time")
+    cli.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="the engine's, for its slots' cache")
     options = cli.parse_args()
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="probe-metrics-"))
     import torch
@@ -55,26 +60,38 @@ def main() -> None:
 
     model_dir = Path(tempfile.mkdtemp(prefix="probe-scoring-")) / options.shape
     build_model(options.source, options.shape, model_dir)
-    settings = ServerSettings(DTYPE=options.dtype)
+    settings = ServerSettings(DTYPE=options.dtype, GPU_MEMORY_UTILIZATION=options.gpu_memory_utilization)
     engine = TransformersEngine(str(model_dir), "probe", settings)
+    if torch.cuda.is_available():  # what the slots' cache left for scoring
+        free, total = torch.cuda.mem_get_info()
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        print(f"GPU memory after loading: free {free / 2**30:.1f} GiB of {total / 2**30:.1f}, torch allocated "
+              f"{allocated / 2**30:.1f} GiB, reserved {reserved / 2**30:.1f} GiB")
     load = make_load(engine.tokenizer, options.items, 0, seed=0)
     bodies = [loglikelihood_body(context, option) for context, opts in load.choices for option in opts]
     prompts = [engine.tokenizer(body["prompt"])["input_ids"] for body in bodies]
 
     forward_s = 0.0
+    passes: list[tuple[int, int, int, float]] = []  # rows, new tokens per row, cached tokens per row, seconds
+    synchronize = torch.cuda.synchronize if options.passes and torch.cuda.is_available() else lambda: None
 
-    def forward_started(*_):
+    def forward_started(_model, _args, kwargs):
         nonlocal forward_s
-        forward_s -= time.perf_counter()
+        synchronize()
+        cache = kwargs.get("past_key_values")
+        passes.append((*kwargs["input_ids"].shape, 0 if cache is None else cache.get_seq_length(), time.perf_counter()))
+        forward_s -= passes[-1][-1]
 
     def forward_ended(*_):
         nonlocal forward_s
+        synchronize()
         forward_s += time.perf_counter()
+        passes[-1] = (*passes[-1][:3], time.perf_counter() - passes[-1][3])
 
-    engine.model.register_forward_pre_hook(forward_started)
+    engine.model.register_forward_pre_hook(forward_started, with_kwargs=True)
     engine.model.register_forward_hook(forward_ended)
     jobs = [ScoreJob([ids], 1, next_tokens=engine.scored_next_tokens) for ids in prompts]
-    with _profiled(options.profile, "scoring"):
+    with _profiled(options.profile, "scoring"), _device_profiled(options.torch_profile):
         started, cpu_started = time.perf_counter(), time.process_time()
         for at in range(0, len(jobs), options.burst):
             score_jobs(engine.model, engine.tokenizer.pad_token_id, jobs[at : at + options.burst])
@@ -106,6 +123,42 @@ def main() -> None:
     print(f"| scoring: the rest (batches, log-probabilities from the logits) | {rest_ms:.2f} | |")
     print(f"| HTTP: the /v1/completions route (scoring answered from the above) | {http_s / count * 1e3:.2f} | "
           f"{http_cpu_s / count * 1e3:.2f} |")
+    if options.passes:
+        print_passes(passes)
+
+
+def print_passes(passes: list[tuple[int, int, int, float]]) -> None:
+    """The forward passes grouped by kind (over a cache or not) and size: how many, their time, and their shapes."""
+    print("| passes | over a cache | rows (mean) | new tokens per row (mean) | cached per row (mean) | ms each (mean) "
+          "| ms in all |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for cached in (False, True):
+        group = [p for p in passes if bool(p[2]) == cached]
+        if group:
+            mean = [sum(p[k] for p in group) / len(group) for k in range(4)]
+            print(f"| {len(group)} | {'yes' if cached else 'no'} | {mean[0]:.1f} | {mean[1]:.1f} | {mean[2]:.0f} | "
+                  f"{mean[3] * 1e3:.1f} | {sum(p[3] for p in group) * 1e3:.0f} |")
+    slowest = sorted(passes, key=lambda p: -p[3])[:8]
+    print("slowest passes (rows, new tokens per row, cached per row, ms):",
+          ", ".join(f"({r}, {w}, {c}, {s * 1e3:.1f})" for r, w, c, s in slowest))
+
+
+class _device_profiled:
+    """torch.profiler over the block when `on`, its top operators by device time (self) printed after it."""
+
+    def __init__(self, on: bool):
+        import torch.profiler
+
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        self.profile = torch.profiler.profile(activities=activities) if on else None
+
+    def __enter__(self):
+        if self.profile:
+            self.profile.__enter__()
+
+    def __exit__(self, *exc):
+        if self.profile:
+            self.profile.__exit__(*exc)
+            print(self.profile.key_averages().table(sort_by="self_device_time_total", row_limit=20))
 
 
 class _profiled:

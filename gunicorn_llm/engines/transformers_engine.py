@@ -65,6 +65,12 @@ class TransformersEngine(Engine):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            # PyTorch's SDPA prefers cuDNN's attention on recent GPUs, and cuDNN builds an execution plan for every
+            # new shape: about 10 ms of CPU per layer call in scoring passes (H100, docs/benchmarks.md), whose rows
+            # and widths change with every batch, as prefills' do. The other kernels (flash, memory-efficient) have
+            # no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = settings.weights_dtype(on_gpu)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
