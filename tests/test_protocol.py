@@ -260,3 +260,22 @@ def test_generate_params_are_the_same_params_as_infers():
     assert generated.model_fields_set == inferred.model_fields_set == set(fields)
     assert GenerateRequest.model_validate({"prompt": "Hi"}).sampling_params() == SamplingParams()
 
+
+
+# -- the answers' JSON encoding (http/json_encoding.py) ------------------------------------------------------------
+
+
+def test_answers_are_encoded_by_msgspec_with_json_for_what_it_cannot_encode(client):
+    """Answers are compact UTF-8 JSON with their keys in order; a float that is not finite is null (valid JSON, where
+    `json` writes -Infinity); what msgspec refuses (a lone surrogate, an integer beyond 64 bits) still encodes."""
+    from gunicorn_llm.http.json_encoding import encode_json
+
+    answer = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "echo": True, "logprobs": 1})
+    text = answer.get_data(as_text=True)
+    assert answer.status_code == 200 and text.startswith('{"id":') and ": " not in text[:200], text[:200]
+    assert encode_json({"b": float("-inf"), "a": "é"}) == '{"b":null,"a":"é"}'
+    assert json.loads(encode_json({"a": "\ud800", "b": 2**70})) == {"a": "\ud800", "b": 2**70}
+    # a client's lone surrogate comes back in the error that names it
+    error = error_of(client.post("/v1/completions", data='{"prompt": "\\ud800", "max_tokens": 1}',
+                                 content_type="application/json"), 400)
+    assert error["message"], error

@@ -201,10 +201,12 @@ class TokenTexts(dict):
                 pieces[index] = self.finishing(token_ids[index], [*before[-UTF8_MAX_BYTES:], *token_ids[:index]])
         return pieces
 
-    def at(self, token_id: int, preceding: Sequence[int]) -> str:
-        """`token_id`'s text after the ids `preceding` (an alternative at a position of a sequence)."""
+    def at(self, token_id: int, sequence: Sequence[int], end: int) -> str:
+        """`token_id`'s text after the ids `sequence[:end]` (an alternative at position `end` of a sequence)."""
         piece = self[token_id]
-        return self.finishing(token_id, preceding) if piece.endswith(REPLACEMENT_CHARACTER) else piece
+        if piece.endswith(REPLACEMENT_CHARACTER):
+            return self.finishing(token_id, sequence[max(0, end - UTF8_MAX_BYTES):end])
+        return piece
 
     def finishing(self, token_id: int, preceding: Sequence[int]) -> str:
         """The text a byte-level `token_id` adds after `preceding`: decoded with the shortest tail of `preceding`

@@ -26,6 +26,7 @@ from gunicorn_llm.engines.output_parsers import load_output_parser, read_chat_te
 from gunicorn_llm.http.chat_tools import AUTO_TOOL_CHOICE_KEY, OUTPUT_PARSER_KEY
 from gunicorn_llm.http.common import ENGINE_KEY, EngineLoading, error_response, request_error_response
 from gunicorn_llm.http.guards import install_guards
+from gunicorn_llm.http.json_encoding import MsgspecJSONProvider
 from gunicorn_llm.http.native_api import native
 from gunicorn_llm.http.openai_api import openai_api
 from gunicorn_llm.http.openapi_spec import openapi_json
@@ -95,6 +96,7 @@ def app_for(engine_class: type) -> Flask:
 def create_app(build_engine: Callable[[], Engine], settings: ServerSettings) -> Flask:
     """A Flask app serving the engine that `build_engine` returns (called once, in a background thread)."""
     app = Flask(__name__, static_folder=None)  # the monitor page serves its own files
+    app.json = MsgspecJSONProvider(app)
     app.config.update(ENGINE_LOAD_WAIT_S=settings.worker_timeout, REQUEST_TIMEOUT=settings.request_timeout,
                       MAX_INSTANCES=settings.max_instances)
     app.config[AUTO_TOOL_CHOICE_KEY] = settings.enable_auto_tool_choice

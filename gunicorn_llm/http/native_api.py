@@ -9,7 +9,6 @@ protocol.GenerateRequest, and answers the generated text, streamed as it is prod
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
@@ -30,6 +29,7 @@ from gunicorn_llm.http.common import (
     warn_ignored_keys,
 )
 from gunicorn_llm.http.guards import admit
+from gunicorn_llm.http.json_encoding import encode_json
 from gunicorn_llm.http.protocol import STREAMING_QUERY_VALUES, GenerateRequest
 from gunicorn_llm.request_schema import parse_infer_request
 
@@ -69,11 +69,11 @@ def _infer_lines(generations: list[TextGeneration]):
                 if delta.text or delta.finish_reason:
                     line = {"instance": instance, "choice": delta.choice, "text": delta.text,
                             "finish_reason": delta.finish_reason}
-                    yield json.dumps(line) + "\n"
+                    yield encode_json(line) + "\n"
     except ClientGone:
         return
     except Exception as error:  # noqa: BLE001 - the status is sent already: the error is the last line
-        yield json.dumps(error_body(error)) + "\n"
+        yield encode_json(error_body(error)) + "\n"
     finally:  # the client left: nothing it asked for keeps running
         for generation in generations:
             generation.cancel()

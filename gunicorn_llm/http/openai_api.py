@@ -14,12 +14,10 @@ Fields of OpenAI's and vLLM's requests that the server does not honour are refus
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 from pydantic import ValidationError
@@ -42,6 +40,7 @@ from gunicorn_llm.http.common import (
     start_generation,
 )
 from gunicorn_llm.http.guards import admit
+from gunicorn_llm.http.json_encoding import encode_json
 from gunicorn_llm.http.protocol import (
     ChatCompletionRequest,
     ChatTemplateControls,
@@ -178,8 +177,7 @@ def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored:
         return text, None
     first = engine.token_texts[prompt_ids[0]]
     # the prompt may have been scored with more alternatives, for prompt_logprobs
-    scored = [replace(entry, top=entry.top[: params.logprobs]) for entry in scored]
-    logprobs = _completion_logprobs(engine, scored, 0, first_token=first, before=prompt_ids[:1])
+    logprobs = _completion_logprobs(engine, scored, 0, first_token=first, before=prompt_ids[:1], top=params.logprobs)
     return text, logprobs
 
 
@@ -194,25 +192,25 @@ def _prompt_logprobs(engine: Engine, prompt_ids: list[int], scored: list[TokenLo
     for position, entry in enumerate(scored, start=1):
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
         ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
-        preceding = prompt_ids[max(0, position - UTF8_MAX_BYTES):position]
         positions.append({str(token): {"logprob": max(logprob, -9999.0), "rank": rank,
-                                       "decoded_token": texts.at(token, preceding)}
+                                       "decoded_token": texts.at(token, prompt_ids, position)}
                           for token, (logprob, rank) in ranked.items()})
     return positions
 
 
 def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int, first_token: str | None = None,
-                         before: Sequence[int] = ()):
+                         before: Sequence[int] = (), top: int | None = None):
     """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts, `before`:
-    the token ids before the first (each token is named as it reads in the sequence: TokenTexts.in_sequence)."""
+    the token ids before the first (each token is named as it reads in the sequence: TokenTexts.in_sequence), `top`:
+    alternatives per token at most (None: all the tokens have)."""
     texts = engine.token_texts
     ids = [token.token_id for token in tokens]
     pieces = texts.in_sequence(ids, before)
     sequence = [*before[-UTF8_MAX_BYTES:], *ids]
     shift = len(sequence) - len(ids)
     result = {"tokens": pieces, "token_logprobs": [token.logprob for token in tokens],
-              "top_logprobs": [{texts.at(t, sequence[max(0, index + shift - UTF8_MAX_BYTES):index + shift]): lp
-                                for t, lp in token.top} for index, token in enumerate(tokens)]}
+              "top_logprobs": [{texts.at(t, sequence, index + shift): lp for t, lp in token.top[:top]}
+                               for index, token in enumerate(tokens)]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
         pieces.insert(0, first_token)
         result["token_logprobs"].insert(0, None)
@@ -327,8 +325,7 @@ def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob], before: Sequence[
 
     return {"content": [
         {**entry(piece, token.logprob),
-         "top_logprobs": [entry(texts.at(t, sequence[max(0, index + shift - UTF8_MAX_BYTES):index + shift]), lp)
-                          for t, lp in token.top]}
+         "top_logprobs": [entry(texts.at(t, sequence, index + shift), lp) for t, lp in token.top]}
         for index, (token, piece) in enumerate(zip(tokens, texts.in_sequence(ids, before), strict=True))
     ]}
 
@@ -387,11 +384,11 @@ def _event_stream(events: Iterator[dict], generations: list[TextGeneration]) -> 
     def sse():
         try:
             for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+                yield f"data: {encode_json(event)}\n\n"
         except ClientGone:
             return
         except Exception as error:  # noqa: BLE001 - the status is sent already: an error event instead
-            yield f"data: {json.dumps(error_body(error))}\n\n"
+            yield f"data: {encode_json(error_body(error))}\n\n"
         finally:  # the client left (or the stream ended): nothing it asked for keeps running
             for generation in generations:
                 generation.cancel()
