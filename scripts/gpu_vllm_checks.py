@@ -192,11 +192,19 @@ def under_load(url: str, clients: int) -> Load:
                 model=None).start()
 
 
-def counts(load: Load) -> dict:
-    """Stop the load; its requests answered and not."""
+def counts(load: Load, signalled_at: float | None = None) -> dict:
+    """Stop the load; its requests answered and not. With `signalled_at` (time.monotonic() of a signal that stops
+    the server), the requests sent after it apart: a server that has closed its socket refuses them."""
     outcomes = load.stop()
-    answered = sum(outcome.ok for outcome in outcomes)
-    return {"ok": answered, "failed": len(outcomes) - answered}
+
+    def tally(group: list) -> dict:
+        answered = sum(outcome.ok for outcome in group)
+        return {"ok": answered, "failed": len(group) - answered}
+
+    if signalled_at is None:
+        return tally(outcomes)
+    return {**tally([outcome for outcome in outcomes if outcome.started < signalled_at]),
+            "sent after the signal": tally([outcome for outcome in outcomes if outcome.started >= signalled_at])}
 
 
 def wait_gone(pids: set[int], timeout_s: float = 120) -> float:
@@ -242,9 +250,10 @@ def orphans(model: Path, options) -> None:
         print("requests during the kill and the reload:", counts(load), flush=True)
         load = under_load(server.url, options.clients)
         time.sleep(3)
+        signalled_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGTERM)
         code = server.process.wait(timeout=120)
-        print(f"SIGTERM under load: master exited {code}; requests: {counts(load)}")
+        print(f"SIGTERM under load: master exited {code}; requests: {counts(load, signalled_at)}")
         print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
         show("after SIGTERM")
     orphans_master(model, options)
@@ -326,9 +335,10 @@ def orphans_shared(server: Server, options) -> None:
 
     load = under_load(server.url, options.clients)
     time.sleep(3)
+    signalled_at = time.monotonic()
     os.kill(server.process.pid, signal.SIGTERM)
     code = server.process.wait(timeout=120)
-    print(f"SIGTERM under load: master exited {code}; requests: {counts(load)}")
+    print(f"SIGTERM under load: master exited {code}; requests: {counts(load, signalled_at)}")
     print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
     show("after SIGTERM")
 
