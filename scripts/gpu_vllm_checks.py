@@ -248,15 +248,20 @@ def orphans(model: Path, options) -> None:
         print(f"HUP under load: the old engine's GPU processes gone after {gone:.1f} s; new worker {worker}")
         before = {pid for pid, _ in show("after HUP")}
         print("requests during the kill and the reload:", counts(load), flush=True)
-        load = under_load(server.url, options.clients)
-        time.sleep(3)
-        signalled_at = time.monotonic()
-        os.kill(server.process.pid, signal.SIGTERM)
-        code = server.process.wait(timeout=120)
-        print(f"SIGTERM under load: master exited {code}; requests: {counts(load, signalled_at)}")
-        print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
-        show("after SIGTERM")
+        sigterm_under_load(server, before, options)
     orphans_master(model, options)
+
+
+def sigterm_under_load(server: Server, gpu_pids: set[int], options) -> None:
+    """SIGTERM to the master under load: its exit, the requests, and the server's GPU processes (`gpu_pids`) gone."""
+    load = under_load(server.url, options.clients)
+    time.sleep(3)
+    signalled_at = time.monotonic()
+    os.kill(server.process.pid, signal.SIGTERM)
+    code = server.process.wait(timeout=120)
+    print(f"SIGTERM under load: master exited {code}; requests: {counts(load, signalled_at)}")
+    print(f"  GPU processes of the server gone after another {wait_gone(gpu_pids):.1f} s")
+    show("after SIGTERM")
 
 
 def workers_state(server: Server) -> dict:
@@ -333,14 +338,7 @@ def orphans_shared(server: Server, options) -> None:
     print(f"HUP under load: front ends {front_ends} replaced by {now}; requests: {counts(load)}", flush=True)
     print(f"  the engine core's GPU processes unchanged: {before == {pid for pid, _ in show('after HUP')}}")
 
-    load = under_load(server.url, options.clients)
-    time.sleep(3)
-    signalled_at = time.monotonic()
-    os.kill(server.process.pid, signal.SIGTERM)
-    code = server.process.wait(timeout=120)
-    print(f"SIGTERM under load: master exited {code}; requests: {counts(load, signalled_at)}")
-    print(f"  GPU processes of the server gone after another {wait_gone(before):.1f} s")
-    show("after SIGTERM")
+    sigterm_under_load(server, before, options)
 
 
 def orphans_master(model: Path, options) -> None:
