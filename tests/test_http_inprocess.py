@@ -12,7 +12,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from gunicorn_llm.engines.base import EngineBusy
+from gunicorn_llm.engines.base import ChoiceUpdate, EngineBusy, GenerationStream, TokenLogprob
 from gunicorn_llm.http.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest
 from gunicorn_llm.http.unhonoured_fields import UNHONOURED
 from scripted_engine import ScriptedEngine, scripted_client, scripted_client_of
@@ -366,6 +366,34 @@ def test_an_engine_without_memory_for_a_prompt_now_answers_503_to_retry(tokenize
     error = error_of(response, 503)
     assert error["type"] == "service_unavailable" and "out of memory scoring" in error["message"]
     assert response.headers["Retry-After"] == "1"
+
+
+def test_a_logprob_of_minus_infinity_is_sent_as_vllms_floor_on_every_route(tokenizer):
+    """A token a constraint or control excluded has -inf; JSON has no infinity, and vLLM's server sends -9999.0."""
+
+    class Excluding(ScriptedEngine):
+        def start(self, prompt_ids, params):
+            stream = GenerationStream(params.n, abort=self._abort)
+            token = self.script[0][0]
+            entry = TokenLogprob(token, -0.5, ((token, -0.5), (token + 1, float("-inf"))))
+            stream.publish(ChoiceUpdate(0, [token], [entry], "length"))
+            return stream
+
+        def prompt_logprobs(self, prompts, top=0, deadline=None):
+            excluded = float("-inf")
+            return [[TokenLogprob(t, excluded, ((t, excluded),), 1) for t in prompt[1:]] for prompt in prompts]
+
+    client = scripted_client_of(Excluding(tokenizer, [tokenizer(ANSWER, add_special_tokens=False)["input_ids"]]))
+    completion = client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 1, "echo": True,
+                                                      "logprobs": 2, "prompt_logprobs": 1}).get_json()["choices"][0]
+    assert completion["logprobs"]["token_logprobs"][1:-1] == [-9999.0] * (len(completion["logprobs"]["tokens"]) - 2)
+    assert sorted(completion["logprobs"]["top_logprobs"][-1].values()) == [-9999.0, -0.5]
+    assert {entry["logprob"] for position in completion["prompt_logprobs"][1:] for entry in position.values()} == {
+        -9999.0}
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                                                     "logprobs": True, "top_logprobs": 2}).get_json()
+    alternatives = chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert [entry["logprob"] for entry in alternatives] == [-0.5, -9999.0]
 
 
 def test_max_tokens_0_without_echo_is_a_400(client):

@@ -6,7 +6,7 @@ with msgspec, and the worker's one interpreter lock carries it for every request
 per token. What changes against `json`: keys keep their order (Flask's default sorted them), the text is UTF-8
 rather than \\u escapes, and a float that is not finite is null (`json` writes `-Infinity`, which is not JSON).
 Reading requests stays with Flask's default, whose errors name the problem. What msgspec cannot encode (a lone
-surrogate, which a client may send as a \ud800 escape and an error message may repeat; an integer beyond 64 bits)
+surrogate, which a client may send as a \\ud800 escape and an error message may repeat; an integer beyond 64 bits)
 goes to `json`, as before.
 """
 

@@ -169,6 +169,11 @@ class _NothingGenerated:
         pass
 
 
+# A log-probability of -inf (a token a constraint or control excluded) is sent as this, as vLLM's server sends it:
+# JSON has no infinity.
+LOGPROB_FLOOR = -9999.0
+
+
 def _echo(engine: Engine, prompt_ids: list[int], params: SamplingParams, scored: list[TokenLogprob] | None
           ) -> tuple[str, dict | None]:
     """The prompt's text, and with logprobs its tokens' log-probabilities from `scored` (the first token has none)."""
@@ -186,13 +191,13 @@ def _prompt_logprobs(engine: Engine, prompt_ids: list[int], scored: list[TokenLo
     """vLLM's `prompt_logprobs` of a completion choice (or of a chat answer): null for the first prompt token, then
     for each one {token id: {logprob, rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to
     top, the prompt token by how many are as likely or more), each token read after the prompt tokens before it; a
-    log-probability of -inf is -9999, as vLLM's server clamps it for JSON."""
+    log-probability of -inf is LOGPROB_FLOOR."""
     texts = engine.token_texts
     positions: list[dict | None] = [None]
     for position, entry in enumerate(scored, start=1):
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
         ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
-        positions.append({str(token): {"logprob": max(logprob, -9999.0), "rank": rank,
+        positions.append({str(token): {"logprob": max(logprob, LOGPROB_FLOOR), "rank": rank,
                                        "decoded_token": texts.at(token, prompt_ids, position)}
                           for token, (logprob, rank) in ranked.items()})
     return positions
@@ -208,9 +213,9 @@ def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int
     pieces = texts.in_sequence(ids, before)
     sequence = [*before[-UTF8_MAX_BYTES:], *ids]
     shift = len(sequence) - len(ids)
-    result = {"tokens": pieces, "token_logprobs": [token.logprob for token in tokens],
-              "top_logprobs": [{texts.at(t, sequence, index + shift): lp for t, lp in token.top[:top]}
-                               for index, token in enumerate(tokens)]}
+    result = {"tokens": pieces, "token_logprobs": [max(token.logprob, LOGPROB_FLOOR) for token in tokens],
+              "top_logprobs": [{texts.at(t, sequence, index + shift): max(lp, LOGPROB_FLOOR)
+                                for t, lp in token.top[:top]} for index, token in enumerate(tokens)]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
         pieces.insert(0, first_token)
         result["token_logprobs"].insert(0, None)
@@ -321,7 +326,7 @@ def _chat_logprobs(engine: Engine, tokens: list[TokenLogprob], before: Sequence[
     shift = len(sequence) - len(ids)
 
     def entry(piece: str, logprob: float) -> dict:
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        return {"token": piece, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(piece.encode())}
 
     return {"content": [
         {**entry(piece, token.logprob),
