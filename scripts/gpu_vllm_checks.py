@@ -280,8 +280,7 @@ def front_ends_and_core(server: Server, timeout_s: float = 300, not_before: int 
         except requests.RequestException:
             state = {}
         core = (state.get("engine_cores") or [{}])[0]
-        if (core.get("ready") and core["generation"] > not_before and state["workers"] == len(state["ready"])
-                and all(worker["pid"] != 0 for worker in state["ready"])):
+        if core.get("ready") and core["generation"] > not_before and state["workers"] == len(state["ready"]):
             return sorted(worker["pid"] for worker in state["ready"]), core
         time.sleep(0.2)
     raise SystemExit(f"the workers and their engine core were not ready after {timeout_s} s")
