@@ -7,7 +7,7 @@ within a token budget small enough to split every level over several passes, and
 attention is not plain causal); duplicate prompts, a prompt that is another's prefix, a one-token prompt and jobs
 asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; a pass out of
 memory runs in halves, and only a prompt that cannot run alone fails (EngineBusy); the batching thread's short wait
-for the rest of a burst. Through the
+for the rest of a burst; workers sharing a GPU split its free memory. Through the
 engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
 `generate`'s token and log-probabilities; other requests still generate.
 """
@@ -185,6 +185,21 @@ def test_out_of_memory_splits_the_pass_and_fails_only_what_cannot_run_alone(mode
     again = ScoreJob([long], top=1)
     score_jobs(model, tokenizer.pad_token_id, [again])
     assert_equal_alone(model, long, again.result.result(0)[0], 1)
+
+
+def test_workers_sharing_a_gpu_plan_with_their_share_of_its_free_memory(monkeypatch):
+    """With --workers-per-gpu K, each worker's passes may run beside the others': a pass plans with a Kth of the
+    device's free memory, plus whatever its own allocator holds unused (that is no other worker's)."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * gib)
+    gpu = torch.device("cuda", 0)
+    assert transformers_scoring.free_device_bytes(gpu) == 9 * gib
+    monkeypatch.setattr(transformers_scoring, "_workers_on_device", 1)  # restored after the test
+    transformers_scoring.share_device_memory(4)
+    assert transformers_scoring.free_device_bytes(gpu) == 3 * gib
+    assert transformers_scoring.free_device_bytes(torch.device("cpu")) is None
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_generate import BatchedGenerate
-from gunicorn_llm.engines.transformers_scoring import NextTokens
+from gunicorn_llm.engines.transformers_scoring import NextTokens, share_device_memory
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
 from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
@@ -71,6 +71,7 @@ class TransformersEngine(Engine):
             # and widths change with every batch, as prefills' do. The other kernels (flash, memory-efficient) have
             # no such cost.
             torch.backends.cuda.enable_cudnn_sdp(False)
+            share_device_memory(settings.workers_per_gpu)
         dtype = settings.weights_dtype(on_gpu)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,

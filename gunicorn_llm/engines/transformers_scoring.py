@@ -18,13 +18,13 @@ pass is done and cross to the host in one copy: on a GPU the model's compute is 
 device) and a Python loop per chunk or per position would bound the requests a second.
 
 Memory: on CUDA a pass's new tokens and a chunk's positions are bounded by the memory free when they start (what
-the device has free plus what torch's allocator holds unused), so that scoring beside a full KV cache or other
-processes on the GPU plans within what is there. A pass that still runs out of memory is split in two and each half
-retried, down to one segment; the jobs of a segment that cannot run alone fail with `EngineBusy` (a 503 to retry),
-and every other job, and every later request, goes on. The last position of every prompt gives the
-distribution of the token after it too: `NextTokens` keeps its top entries, and the engine answers a greedy
-one-token generation of that prompt from them (lm-evaluation-harness asks for one right after the echoed
-log-probabilities) instead of a second pass over the prompt.
+the device has free, split between the workers that share the GPU, plus what torch's allocator holds unused), so
+that scoring beside a full KV cache or other processes on the GPU plans within what is there. A pass that still runs
+out of memory is split in two and each half retried, down to one segment; the jobs of a segment that cannot run
+alone fail with `EngineBusy` (a 503 to retry), and every other job, and every later request, goes on. The last
+position of every prompt gives the distribution of the token after it too: `NextTokens` keeps its top entries, and
+the engine answers a greedy one-token generation of that prompt from them (lm-evaluation-harness asks for one right
+after the echoed log-probabilities) instead of a second pass over the prompt.
 """
 
 from __future__ import annotations
@@ -275,13 +275,23 @@ def _fail(segments: list[_Segment], error: Exception) -> None:
 # -- memory ------------------------------------------------------------------------------------------------------
 
 
+# Workers of this server that score on the same GPU (--workers-per-gpu): their passes may run at once, so each plans
+# with its own share of the device's free memory. Set once by the engine as it loads (share_device_memory).
+_workers_on_device = 1
+
+
+def share_device_memory(workers: int) -> None:
+    global _workers_on_device
+    _workers_on_device = max(1, workers)
+
+
 def free_device_bytes(device: torch.device) -> int | None:
-    """What a pass may allocate on `device` now: the device's free memory and what torch's allocator holds unused;
-    None off CUDA (the host's memory is not planned for)."""
+    """What a pass may allocate on `device` now: this worker's share of the device's free memory and what torch's
+    allocator holds unused; None off CUDA (the host's memory is not planned for)."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free // _workers_on_device + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def pass_token_budget(model) -> int:
