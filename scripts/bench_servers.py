@@ -6,9 +6,9 @@ reproduce), and runs bench.py over all of them interleaved in one run: per concu
 server. Prints bench.py's table and ratios (to the first server) and writes its JSON next to the given output
 prefix; the plot is drawn from the JSON where matplotlib is installed. `--modes whole` asks for whole answers;
 `--modes eval` runs an evaluation harness's load instead (scripts/bench_eval_load.py: multiple-choice scoring and
-generate-until, `--eval-items`, `--eval-generations`, at the first `--concurrency`) against the same servers;
-`--modes vllm-bench` runs vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored, streamed) at
-each concurrency, 8 prompts per client (at least 32), on every server that speaks /v1/completions.
+generate-until, `--eval-items`, `--eval-generations`, `--eval-fewshot`, at the first `--concurrency`) against the same
+servers; `--modes vllm-bench` runs vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored,
+streamed) at each concurrency, 8 prompts per client (at least 32), on every server that speaks /v1/completions.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -130,6 +130,8 @@ def main() -> None:
                      "and/or an evaluation load (scripts/bench_eval_load.py), and/or vLLM's benchmark client")
     cli.add_argument("--eval-items", type=int, default=1000, help="--modes eval: multiple-choice items")
     cli.add_argument("--eval-generations", type=int, default=200, help="--modes eval: generate-until requests")
+    cli.add_argument("--eval-fewshot", type=int, nargs="+", default=[0],
+                     help="--modes eval: one run per value, every context and prompt after that many shared examples")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,14 +182,16 @@ def main() -> None:
 
 
 def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
-    """scripts/bench_eval_load.py against the servers (bench.py's NAME=URL@PROTOCOL, its NAME=URL)."""
-    command = [sys.executable, str(ROOT / "scripts" / "bench_eval_load.py"), "--tokenizer", str(model),
-               "--model", str(model), "--items", str(options.eval_items),
-               "--generations", str(options.eval_generations), "--concurrency", str(options.concurrency[0])]
-    for url in bench_urls:
-        command += ["--url", url.rpartition("@")[0]]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=False)
+    """scripts/bench_eval_load.py against the servers (bench.py's NAME=URL@PROTOCOL, its NAME=URL), once per
+    --eval-fewshot."""
+    for fewshot in options.eval_fewshot:
+        command = [sys.executable, str(ROOT / "scripts" / "bench_eval_load.py"), "--tokenizer", str(model),
+                   "--model", str(model), "--items", str(options.eval_items), "--fewshot", str(fewshot),
+                   "--generations", str(options.eval_generations), "--concurrency", str(options.concurrency[0])]
+        for url in bench_urls:
+            command += ["--url", url.rpartition("@")[0]]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=False)
 
 
 def run_vllm_bench(bench_urls: list[str], model: Path, options) -> None:
