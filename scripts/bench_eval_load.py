@@ -43,7 +43,8 @@ def option_loglikelihood(url: str, model: str | None, context: str, option: str,
     answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(context, option, model), timeout=600)
     answer.raise_for_status()
     logprobs = answer.json()["choices"][0]["logprobs"]
-    offsets, values = logprobs["text_offset"], logprobs["token_logprobs"]
+    # the last entry is the one token generated after the prompt (max_tokens 1), not part of the option
+    offsets, values = logprobs["text_offset"][:-1], logprobs["token_logprobs"][:-1]
     return sum(value for offset, value in zip(offsets, values, strict=True)
                if offset >= len(context) and value is not None)
 

@@ -314,6 +314,17 @@ def _assert_offsets_index_the_text(logprobs: dict, text: str) -> None:
     assert all(text[offset:offset + len(token)] == token for offset, token in zip(offsets, tokens, strict=True))
 
 
+def _streamed_completion(client, body: dict) -> dict:
+    """A streamed completion's text, and its tokens and offsets, joined from its events."""
+    streamed = {"text": "", "tokens": [], "text_offset": []}
+    for event in sse_events(client.post("/v1/completions", json=body))[:-1]:
+        part = json.loads(event.removeprefix(b"data: "))["choices"][0]
+        streamed["text"] += part["text"]
+        for key in ("tokens", "text_offset"):
+            streamed[key] += (part["logprobs"] or {}).get(key, [])
+    return streamed
+
+
 def test_echoed_tokens_of_multi_byte_characters_read_as_in_the_text_so_offsets_index_it(tokenizer):
     """A token holding part of a character's bytes reads "" until the token that finishes it (vLLM's server names
     them so): alone each would read U+FFFD, the offsets after it would drift, and a client that splits context from
@@ -329,15 +340,27 @@ def test_echoed_tokens_of_multi_byte_characters_read_as_in_the_text_so_offsets_i
     assert "" in choice["logprobs"]["tokens"]
     decoded = [next(iter(position.values()))["decoded_token"] for position in choice["prompt_logprobs"][1:]]
     assert decoded == choice["logprobs"]["tokens"][1:len(prompt_ids)]
-    streamed = {"text": "", "tokens": [], "text_offset": []}
-    streamed_body = {**body, "stream": True, "prompt_logprobs": None}  # prompt_logprobs cannot stream (vLLM's rule)
-    for event in sse_events(client.post("/v1/completions", json=streamed_body))[:-1]:
-        part = json.loads(event.removeprefix(b"data: "))["choices"][0]
-        streamed["text"] += part["text"]
-        for key in ("tokens", "text_offset"):
-            streamed[key] += (part["logprobs"] or {}).get(key, [])
+    # prompt_logprobs cannot stream (vLLM's rule)
+    streamed = _streamed_completion(client, {**body, "stream": True, "prompt_logprobs": None})
     assert streamed["text"] == MULTI_BYTE + answer
     _assert_offsets_index_the_text(streamed, MULTI_BYTE + answer)
+
+
+def test_a_replacement_character_of_the_text_itself_reads_as_one_and_the_offsets_still_index_the_text(tokenizer):
+    """Text that already holds U+FFFD (scraped text often does) has a token for it whose bytes are whole: it reads
+    "\ufffd", not "" as a character's unfinished bytes do; else every offset after it drifts by one, and lm-eval
+    counts a context token to the continuation or a continuation token to the context."""
+    prompt = "caf\ufffd au lait, \ufffd\ufffd then 東京 \ufffd"
+    answer = "ok \ufffd 🤖"
+    assert "\ufffd" in [tokenizer.decode([token]) for token in tokenizer(prompt)["input_ids"]]
+    client = scripted_client(tokenizer, [answer, answer])
+    body = {"prompt": prompt, "max_tokens": 8, "echo": True, "logprobs": 1}
+    choice = client.post("/v1/completions", json=body).get_json()["choices"][0]
+    assert choice["text"] == prompt + answer
+    _assert_offsets_index_the_text(choice["logprobs"], prompt + answer)
+    streamed = _streamed_completion(client, {**body, "stream": True})
+    assert streamed["text"] == prompt + answer
+    _assert_offsets_index_the_text(streamed, prompt + answer)
 
 
 def test_chat_logprobs_name_multi_byte_characters_as_they_read_whole_and_streamed(tokenizer):

@@ -179,16 +179,45 @@ REPLACEMENT_CHARACTER = "\ufffd"
 UTF8_MAX_BYTES = 4
 
 
+def _byte_level_alphabet(tokenizer) -> dict[str, int]:
+    """character -> byte of a byte-level BPE vocabulary (GPT-2's, Llama 3's, Qwen's: each token is its bytes written
+    in a 256-character alphabet); {} for other vocabularies."""
+    from tokenizers import decoders
+
+    if not isinstance(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None), decoders.ByteLevel):
+        return {}
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
 class TokenTexts(dict):
     """token id -> its text alone, decoded on first use (a dict: a lookup is one C call)."""
 
     def __init__(self, tokenizer):
         super().__init__()
         self.tokenizer = tokenizer
+        self._byte_of: dict[str, int] | None = None  # a byte-level vocabulary's alphabet: character -> byte
+        self._whole: dict[int, bool] = {}  # token id -> whether its bytes are whole characters
 
     def __missing__(self, token_id: int) -> str:
         text = self[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def _whole_characters(self, token_id: int) -> bool:
+        """Whether the token's own bytes are whole UTF-8 characters: a U+FFFD it reads as is then the text's own (text
+        that held one already), not a character it leaves unfinished. False where the vocabulary is not byte-level
+        (its tokens' bytes are not known here)."""
+        if token_id not in self._whole:
+            if self._byte_of is None:
+                self._byte_of = _byte_level_alphabet(self.tokenizer)
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            try:
+                bytes(self._byte_of[char] for char in piece).decode("utf-8")
+                self._whole[token_id] = bool(self._byte_of)
+            except (KeyError, TypeError, UnicodeDecodeError):
+                self._whole[token_id] = False
+        return self._whole[token_id]
 
     def in_sequence(self, token_ids: Sequence[int], before: Sequence[int] = ()) -> list[str]:
         """The tokens' texts as they read one after another (after the ids `before`): what each adds to the decoded
@@ -211,6 +240,8 @@ class TokenTexts(dict):
     def finishing(self, token_id: int, preceding: Sequence[int]) -> str:
         """The text a byte-level `token_id` adds after `preceding`: decoded with the shortest tail of `preceding`
         that makes whole characters, less what that tail's own finished tokens read; "" if it finishes none."""
+        if self._whole_characters(token_id):
+            return self[token_id]
         preceding = preceding[-UTF8_MAX_BYTES:]
         for start in range(len(preceding) - 1, -1, -1):
             tail = list(preceding[start:])
