@@ -42,9 +42,11 @@ def option_loglikelihood(url: str, model: str | None, context: str, option: str,
     """As lm-eval's local-completions: the echoed prompt's token log-probabilities after the context's tokens."""
     answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(context, option, model), timeout=600)
     answer.raise_for_status()
-    logprobs = answer.json()["choices"][0]["logprobs"]
-    # the last entry is the one token generated after the prompt (max_tokens 1), not part of the option
-    offsets, values = logprobs["text_offset"][:-1], logprobs["token_logprobs"][:-1]
+    body = answer.json()
+    logprobs = body["choices"][0]["logprobs"]
+    # the prompt's tokens only: the echoed entries go on with the token generated after it (max_tokens 1)
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    offsets, values = logprobs["text_offset"][:prompt_tokens], logprobs["token_logprobs"][:prompt_tokens]
     return sum(value for offset, value in zip(offsets, values, strict=True)
                if offset >= len(context) and value is not None)
 

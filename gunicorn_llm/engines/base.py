@@ -208,14 +208,16 @@ class TokenTexts(dict):
         """Whether the token's own bytes are whole UTF-8 characters: a U+FFFD it reads as is then the text's own (text
         that held one already), not a character it leaves unfinished. False where the vocabulary is not byte-level
         (its tokens' bytes are not known here)."""
+        if self._byte_of is None:
+            self._byte_of = _byte_level_alphabet(self.tokenizer)
+        if not self._byte_of:
+            return False
         if token_id not in self._whole:
-            if self._byte_of is None:
-                self._byte_of = _byte_level_alphabet(self.tokenizer)
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
             try:
                 bytes(self._byte_of[char] for char in piece).decode("utf-8")
-                self._whole[token_id] = bool(self._byte_of)
-            except (KeyError, TypeError, UnicodeDecodeError):
+                self._whole[token_id] = True
+            except (KeyError, TypeError, UnicodeDecodeError):  # not the alphabet's, not a token, unfinished bytes
                 self._whole[token_id] = False
         return self._whole[token_id]
 
