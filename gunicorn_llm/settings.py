@@ -109,10 +109,10 @@ class ServerSettings(BaseSettings):
     )
     gpu_memory_utilization: float = _setting(
         0.9, "GPU_MEMORY_UTILIZATION", "--gpu-memory-utilization",
-        "share of each GPU's memory for vLLM or the transformers engine's slots",
-        doc="share of each GPU's memory for vLLM, or for the transformers engine's slots (weights, cache and 1 GiB "
-        "for activations), divided between `--workers-per-gpu` transformers instances (a slice's shared vLLM "
-        "engine core takes it whole)", gt=0.0, le=1.0,
+        "share of each GPU's memory for vLLM or the transformers engine",
+        doc="share of each GPU's memory for vLLM, or for the transformers engine (weights, slots' cache, "
+        "activations and scoring passes), divided between `--workers-per-gpu` transformers instances (a slice's "
+        "shared vLLM engine core takes it whole)", gt=0.0, le=1.0,
     )
     enforce_eager: bool | None = _setting(
         None, "ENFORCE_EAGER", "--enforce-eager",

@@ -132,8 +132,12 @@ def main() -> None:
     results = {}
     for spec in options.url:
         name, _, url = spec.partition("=")
+        client_cpu = time.process_time()
         results[name] = run_server(url.rstrip("/"), options.model, load, options)
-        print(f"{name}: {results[name][0]:.1f} s log-likelihoods, {results[name][1]:.1f} s generations", flush=True)
+        client_cpu = time.process_time() - client_cpu
+        # The client threads share one interpreter lock: CPU seconds near the wall time mean the client was the bound.
+        print(f"{name}: {results[name][0]:.1f} s log-likelihoods, {results[name][1]:.1f} s generations, "
+              f"{client_cpu:.1f} s of the client's CPU", flush=True)
     if options.hf:
         results["lm-eval hf"] = run_hf(options.hf, load, options)
     print(f"\n{options.items} items x 4 options, {options.generations} generations, concurrency "

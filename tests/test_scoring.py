@@ -189,16 +189,20 @@ def test_out_of_memory_splits_the_pass_and_fails_only_what_cannot_run_alone(mode
 
 def test_workers_sharing_a_gpu_plan_with_their_share_of_its_free_memory(monkeypatch):
     """With --workers-per-gpu K, each worker's passes may run beside the others': a pass plans with a Kth of the
-    device's free memory, plus whatever its own allocator holds unused (that is no other worker's)."""
+    device's free memory, plus whatever its own allocator holds unused (that is no other worker's), and never past
+    the worker's share of the device (--gpu-memory-utilization over K): the rest is other servers' and the CUDA
+    libraries' own."""
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * gib)
+    monkeypatch.setattr(transformers_scoring, "_device_share", transformers_scoring._DeviceShare())
     gpu = torch.device("cuda", 0)
     assert transformers_scoring.free_device_bytes(gpu) == 9 * gib
-    monkeypatch.setattr(transformers_scoring, "_workers_on_device", 1)  # restored after the test
-    transformers_scoring.share_device_memory(4)
-    assert transformers_scoring.free_device_bytes(gpu) == 3 * gib
+    transformers_scoring.share_device_memory(4, 1.0)
+    assert transformers_scoring.free_device_bytes(gpu) == 3 * gib  # 8 / 4 free, 1 held unused
+    transformers_scoring.share_device_memory(1, 0.1)
+    assert transformers_scoring.free_device_bytes(gpu) == 6 * gib  # its share, 8, less the 2 it holds
     assert transformers_scoring.free_device_bytes(torch.device("cpu")) is None
 
 
@@ -208,6 +212,31 @@ def engine(embedded_model_dir):
     from gunicorn_llm.settings import ServerSettings
 
     return TransformersEngine(str(embedded_model_dir), "embedded", ServerSettings(BATCHING="generate"))
+
+
+def test_the_slots_leave_scoring_passes_their_room_within_the_share(engine, monkeypatch):
+    """Scoring passes stay within the worker's share of the GPU, so the slots' cache leaves them room: a whole
+    pass's where the share allows, half of what the weights leave where it does not, never less than the activations'
+    headroom."""
+    from types import SimpleNamespace
+
+    from gunicorn_llm.engines.transformers_engine import ACTIVATION_HEADROOM_BYTES, TransformersEngine
+    from gunicorn_llm.settings import ServerSettings
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * gib)  # the weights
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), model=engine.model)
+    whole_pass = transformers_scoring.full_pass_bytes(engine.model)
+    assert ACTIVATION_HEADROOM_BYTES < whole_pass < 30 * gib
+
+    def cache_bytes(utilization: float, workers: int = 1) -> int:
+        settings = ServerSettings(GPU_MEMORY_UTILIZATION=utilization, WORKERS_PER_GPU=workers)
+        return TransformersEngine._slot_cache_bytes(on_gpu, settings)
+
+    assert cache_bytes(0.9) == int(0.9 * 80 * gib - 4 * gib) - whole_pass
+    assert cache_bytes(0.1) == 2 * gib  # 8 of the GPU's 80, 4 of them weights: half of the rest
+    assert cache_bytes(0.2, workers=3) == int(0.2 * 80 * gib / 3 - 4 * gib) - ACTIVATION_HEADROOM_BYTES
 
 
 def test_one_greedy_token_after_scoring_needs_no_pass(engine, reference_model, tokenizer, monkeypatch):

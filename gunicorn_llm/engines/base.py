@@ -18,15 +18,16 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
 
 log = logging.getLogger("gunicorn.error")
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model (before any sampling transform), with the likeliest alternatives."""
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (before any sampling transform), with the likeliest alternatives.
+    A named tuple, not a dataclass: scoring makes one per prompt token, and a tuple is made in half the time."""
 
     token_id: int
     logprob: float

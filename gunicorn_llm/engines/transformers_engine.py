@@ -36,7 +36,7 @@ from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_continuous import ContinuousBatching
 from gunicorn_llm.engines.transformers_generate import BatchedGenerate
-from gunicorn_llm.engines.transformers_scoring import NextTokens, share_device_memory
+from gunicorn_llm.engines.transformers_scoring import NextTokens, full_pass_bytes, share_device_memory
 from gunicorn_llm.engines.transformers_slots import SlotBatching, supports
 from gunicorn_llm.ops import metrics
 from gunicorn_llm.request_schema import SamplingParams, StructuredOutputs
@@ -51,8 +51,9 @@ SLOTS_PER_WORKER = 128
 # Share of the free device memory (after the weights) that continuous batching may take for its KV cache; the rest
 # is headroom for the batched-generate path and vocabulary-sized temporaries.
 KV_CACHE_MEMORY_SHARE = 0.7
-# The slots' KV cache: on GPU it leaves this much of the worker's share for activations, CUDA graphs and logits; on
-# CPU it is this size (sized from the host's free memory it would take most of it).
+# The slots' KV cache: on GPU it leaves at least this much of the worker's share for activations, CUDA graphs and
+# logits (and more for scoring passes: _slot_cache_bytes); on CPU it is this size (sized from the host's free memory it
+# would take most of it).
 ACTIVATION_HEADROOM_BYTES = 1 << 30
 SLOT_CACHE_BYTES_ON_CPU = 1 << 30
 
@@ -71,7 +72,7 @@ class TransformersEngine(Engine):
             # and widths change with every batch, as prefills' do. The other kernels (flash, memory-efficient) have
             # no such cost.
             torch.backends.cuda.enable_cudnn_sdp(False)
-            share_device_memory(settings.workers_per_gpu)
+            share_device_memory(settings.workers_per_gpu, settings.gpu_memory_utilization)
         dtype = settings.weights_dtype(on_gpu)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
@@ -132,13 +133,16 @@ class TransformersEngine(Engine):
 
     def _slot_cache_bytes(self, settings: ServerSettings) -> int:
         """What the slots' KV cache may take: this worker's share of the GPU (--gpu-memory-utilization over
-        --workers-per-gpu) less what it holds already (the weights) and room for activations; no more than is free."""
+        --workers-per-gpu) less what it holds already (the weights) and room for activations and for scoring passes
+        (which stay within the share too); no more than is free."""
         if self.device.type != "cuda":
             return SLOT_CACHE_BYTES_ON_CPU
         free, total = torch.cuda.mem_get_info(self.device)
         share = settings.gpu_memory_utilization * total / settings.workers_per_gpu - torch.cuda.memory_allocated(
             self.device)
-        return int(min(share, free) - ACTIVATION_HEADROOM_BYTES)
+        # A scoring pass's whole token budget where the share allows, half of what is left where it does not.
+        headroom = max(ACTIVATION_HEADROOM_BYTES, min(full_pass_bytes(self.model), share // 2))
+        return int(min(share, free) - headroom)
 
     def close(self) -> None:
         """Stop the paths' threads (the continuous-batching manager's loop is not a daemon)."""

@@ -46,6 +46,7 @@ from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
 from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
+from gunicorn_llm.engines.transformers_slots import set_up_cuda_thread
 from gunicorn_llm.request_schema import SamplingParams
 
 log = logging.getLogger("gunicorn.error")
@@ -227,6 +228,11 @@ class BatchedGenerate(BatchingPath):
     # -- the batching thread ---------------------------------------------------------------------------------
 
     def _run_batches(self) -> None:
+        try:
+            set_up_cuda_thread(self.device)
+        except Exception as error:  # noqa: BLE001 - nothing could run on this thread: the worker is replaced
+            self.on_death(error)
+            return
         while True:
             jobs = [self._jobs.get()]
             while True:  # take everything else already waiting: it runs in the same batches

@@ -29,7 +29,6 @@ after the echoed log-probabilities) instead of a second pass over the prompt.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -230,7 +229,7 @@ def _prompt_entries(prompt: _Prompt, top: int) -> list[TokenLogprob]:
         entries[:0] = segment.entries
         segment = segment.parent
     # a segment shared with prompts that ask for more alternatives has them all
-    return [entry if len(entry.top) == top else dataclasses.replace(entry, top=entry.top[:top]) for entry in entries]
+    return [entry if len(entry.top) == top else entry._replace(top=entry.top[:top]) for entry in entries]
 
 
 def _run_or_split(model, pad_token_id: int, segments: list[_Segment]) -> list[_Segment]:
@@ -275,42 +274,59 @@ def _fail(segments: list[_Segment], error: Exception) -> None:
 # -- memory ------------------------------------------------------------------------------------------------------
 
 
-# Workers of this server that score on the same GPU (--workers-per-gpu): their passes may run at once, so each plans
-# with its own share of the device's free memory. Set once by the engine as it loads (share_device_memory).
-_workers_on_device = 1
+@dataclass
+class _DeviceShare:
+    """This worker's part of each GPU it scores on. Set once by the engine as it loads (share_device_memory)."""
+
+    workers: int = 1  # workers of this server on the same GPU (--workers-per-gpu): their passes may run at once
+    fraction: float = 1.0  # of each GPU's memory this worker may hold: --gpu-memory-utilization over the workers
 
 
-def share_device_memory(workers: int) -> None:
-    global _workers_on_device
-    _workers_on_device = max(1, workers)
+_device_share = _DeviceShare()
+
+
+def share_device_memory(workers: int, utilization: float) -> None:
+    _device_share.workers = max(1, workers)
+    _device_share.fraction = utilization / _device_share.workers
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """What a pass may allocate on `device` now: this worker's share of the device's free memory and what torch's
-    allocator holds unused; None off CUDA (the host's memory is not planned for)."""
+    """What a pass may allocate on `device` now: its share of the device's free memory (the other workers' passes may
+    run at once) and what torch's allocator holds unused, and never past this worker's share of the device (the rest
+    is other servers' and the CUDA libraries' own: a handle that cannot be allocated kills a thread's CUDA work);
+    None off CUDA (the host's memory is not planned for)."""
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free // _workers_on_device + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    return min(free // _device_share.workers + torch.cuda.memory_reserved(device) - allocated,
+               int(total * _device_share.fraction) - allocated)
 
 
-def pass_token_budget(model) -> int:
-    """New tokens per pass within SCORING_MEMORY_SHARE of the free memory: each new token takes its logits, its keys
-    and values (kept when it is a shared prefix) and its share of the parents' gathered cache
-    (CACHED_TOKENS_PER_NEW_TOKEN tokens of keys and values). SCORING_TOKEN_BUDGET at most, 1 at least (a segment
-    longer than the budget runs alone)."""
-    device = model.get_input_embeddings().weight.device
-    free = free_device_bytes(device)
-    if free is None:
-        return SCORING_TOKEN_BUDGET
+def bytes_per_new_token(model) -> int:
+    """What each new token of a scoring pass takes: its logits, its keys and values (kept when it is a shared prefix)
+    and its share of the parents' gathered cache (CACHED_TOKENS_PER_NEW_TOKEN tokens of keys and values)."""
     config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
     element = model.dtype.itemsize
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache_per_token = config.num_hidden_layers * 2 * heads * head_dim * element
     logits_per_token = model.get_output_embeddings().weight.shape[0] * element
-    per_token = logits_per_token + (1 + CACHED_TOKENS_PER_NEW_TOKEN) * cache_per_token
-    return max(1, min(SCORING_TOKEN_BUDGET, int(free * SCORING_MEMORY_SHARE / per_token)))
+    return logits_per_token + (1 + CACHED_TOKENS_PER_NEW_TOKEN) * cache_per_token
+
+
+def full_pass_bytes(model) -> int:
+    """The free memory in which a pass gets its whole token budget (SCORING_TOKEN_BUDGET)."""
+    return int(SCORING_TOKEN_BUDGET * bytes_per_new_token(model) / SCORING_MEMORY_SHARE)
+
+
+def pass_token_budget(model) -> int:
+    """New tokens per pass within SCORING_MEMORY_SHARE of the free memory (bytes_per_new_token each);
+    SCORING_TOKEN_BUDGET at most, 1 at least (a segment longer than the budget runs alone)."""
+    free = free_device_bytes(model.get_input_embeddings().weight.device)
+    if free is None:
+        return SCORING_TOKEN_BUDGET
+    return max(1, min(SCORING_TOKEN_BUDGET, int(free * SCORING_MEMORY_SHARE / bytes_per_new_token(model))))
 
 
 def _positions_per_chunk(logits: torch.Tensor) -> int:

@@ -149,6 +149,14 @@ class _Sequence:
     cancelled: bool = False
 
 
+def set_up_cuda_thread(device: torch.device) -> None:
+    """Make this thread's cuBLAS handle now, as the worker loads. cuBLAS makes one per thread on its first matrix
+    product, with memory from outside torch's allocator: at a first request the GPU may have none left (other
+    servers' work, this worker's cached blocks), and the thread's first product fails."""
+    if device.type == "cuda":
+        torch.ones(1, 1, device=device) @ torch.ones(1, 1, device=device)
+
+
 class SlotBatching(ContinuousPath):
     name = "slots"
 
@@ -242,6 +250,7 @@ class SlotBatching(ContinuousPath):
 
     def _loop(self) -> None:
         try:
+            set_up_cuda_thread(self.device)
             with torch.inference_mode():
                 while True:
                     with self._wakeup:

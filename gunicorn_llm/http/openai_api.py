@@ -192,14 +192,20 @@ def _prompt_logprobs(engine: Engine, prompt_ids: list[int], scored: list[TokenLo
     for each one {token id: {logprob, rank, decoded_token}} of the prompt token and the `top` likeliest (ranked 1 to
     top, the prompt token by how many are as likely or more), each token read after the prompt tokens before it; a
     log-probability of -inf is LOGPROB_FLOOR."""
-    texts = engine.token_texts
+    # Written out as loops, not nested comprehensions: an evaluation's scoring answers build hundreds of these per
+    # request under the worker's interpreter lock.
+    texts, floor = engine.token_texts, LOGPROB_FLOOR
+    pieces = texts.in_sequence(prompt_ids)  # each prompt token as it reads where it stands
     positions: list[dict | None] = [None]
     for position, entry in enumerate(scored, start=1):
-        ranked = {entry.token_id: (entry.logprob, entry.rank)}
-        ranked |= {token: (logprob, rank) for rank, (token, logprob) in enumerate(entry.top[:top], start=1)}
-        positions.append({str(token): {"logprob": max(logprob, LOGPROB_FLOOR), "rank": rank,
-                                       "decoded_token": texts.at(token, prompt_ids, position)}
-                          for token, (logprob, rank) in ranked.items()})
+        chosen, logprob = entry.token_id, entry.logprob
+        ranked = {str(chosen): {"logprob": floor if floor > logprob else logprob, "rank": entry.rank,
+                                "decoded_token": pieces[position]}}
+        for rank, (token, logprob) in enumerate(entry.top[:top], start=1):
+            ranked[str(token)] = {"logprob": floor if floor > logprob else logprob, "rank": rank,
+                                  "decoded_token": pieces[position] if token == chosen
+                                  else texts.at(token, prompt_ids, position)}
+        positions.append(ranked)
     return positions
 
 
@@ -208,13 +214,14 @@ def _completion_logprobs(engine: Engine, tokens: list[TokenLogprob], offset: int
     """OpenAI's completions `logprobs` object; `offset`: where in the choice's text the first token starts, `before`:
     the token ids before the first (each token is named as it reads in the sequence: TokenTexts.in_sequence), `top`:
     alternatives per token at most (None: all the tokens have)."""
-    texts = engine.token_texts
+    texts, floor = engine.token_texts, LOGPROB_FLOOR
     ids = [token.token_id for token in tokens]
     pieces = texts.in_sequence(ids, before)
     sequence = [*before[-UTF8_MAX_BYTES:], *ids]
     shift = len(sequence) - len(ids)
-    result = {"tokens": pieces, "token_logprobs": [max(token.logprob, LOGPROB_FLOOR) for token in tokens],
-              "top_logprobs": [{texts.at(t, sequence, index + shift): max(lp, LOGPROB_FLOOR)
+    result = {"tokens": pieces,
+              "token_logprobs": [floor if floor > token.logprob else token.logprob for token in tokens],
+              "top_logprobs": [{texts.at(t, sequence, index + shift): floor if floor > lp else lp
                                 for t, lp in token.top[:top]} for index, token in enumerate(tokens)]}
     if first_token is not None:  # an echoed prompt's first token: nothing before it to condition on
         pieces.insert(0, first_token)
