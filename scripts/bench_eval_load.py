@@ -3,9 +3,10 @@ same requests through lm-eval's in-process `hf` model.
 
 The load is drawn from --seed, the same for every target:
 - --items multiple-choice items, each a context of 100-500 random tokens and 4 options of 1-8 tokens, scored as
-  lm-eval's `local-completions` scores them: one request per context and option, the option's text appended to
-  the context, `echo: true, logprobs: 1, max_tokens: 1, temperature: 0, seed: 1234`; the option's log-likelihood is
-  the sum of its tokens' log-probabilities;
+  lm-eval's `local-completions` scores them: one request per context and option, the prompt the token ids of the
+  context and option encoded together (lm-eval's default), `echo: true, logprobs: 1, max_tokens: 1, temperature: 0,
+  seed: 1234`; the option's log-likelihood is the sum of the echoed log-probabilities after the context's tokens
+  (counted as lm-eval counts them: by the context encoded alone, not by the servers' text offsets);
 - --generations greedy generate-until requests: a 200-token prompt, up to --max-gen-tokens new tokens, stop
   "\\n\\n", `seed: 1234`;
 - with --fewshot N, every context and every generate-until prompt starts with the same N examples (a 30-80-token
@@ -38,17 +39,13 @@ from benchkit.eval_load import STOP, Load, loglikelihood_body, make_load  # noqa
 from benchkit.load import send_all  # noqa: E402
 
 
-def option_loglikelihood(url: str, model: str | None, context: str, option: str, session) -> float:
+def option_loglikelihood(url: str, model: str | None, prompt_ids: list[int], context_tokens: int, session) -> float:
     """As lm-eval's local-completions: the echoed prompt's token log-probabilities after the context's tokens."""
-    answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(context, option, model), timeout=600)
+    answer = session.post(f"{url}/v1/completions", json=loglikelihood_body(prompt_ids, model), timeout=600)
     answer.raise_for_status()
-    body = answer.json()
-    logprobs = body["choices"][0]["logprobs"]
+    values = answer.json()["choices"][0]["logprobs"]["token_logprobs"]
     # the prompt's tokens only: the echoed entries go on with the token generated after it (max_tokens 1)
-    prompt_tokens = body["usage"]["prompt_tokens"]
-    offsets, values = logprobs["text_offset"][:prompt_tokens], logprobs["token_logprobs"][:prompt_tokens]
-    return sum(value for offset, value in zip(offsets, values, strict=True)
-               if offset >= len(context) and value is not None)
+    return sum(values[context_tokens : len(prompt_ids)])
 
 
 def generate_until(url: str, model: str | None, prompt: str, max_tokens: int, session) -> str:
@@ -63,10 +60,9 @@ def run_server(url: str, model: str | None, load: Load, options) -> tuple[float,
     """Seconds for the log-likelihoods, seconds for the generations, and each item's most likely option."""
     # one connection per client, kept alive as lm-eval's client does
     sessions = [requests.Session() for _ in range(options.concurrency)]
-    pairs = [(context, option) for context, opts in load.choices for option in opts]
     started = time.perf_counter()
-    scores = send_all(lambda client, pair: option_loglikelihood(url, model, *pair, sessions[client]), pairs,
-                      options.concurrency)
+    scores = send_all(lambda client, pair: option_loglikelihood(url, model, *pair, sessions[client]),
+                      load.encoded, options.concurrency)
     scored = time.perf_counter()
     send_all(lambda client, prompt: generate_until(url, model, prompt, options.max_gen_tokens, sessions[client]),
              load.prompts, options.concurrency)

@@ -68,8 +68,8 @@ def main() -> None:
         print(f"GPU memory after loading: free {free / 2**30:.1f} GiB of {total / 2**30:.1f}, torch allocated "
               f"{allocated / 2**30:.1f} GiB, reserved {reserved / 2**30:.1f} GiB")
     load = make_load(engine.tokenizer, options.items, 0, seed=0)
-    bodies = [loglikelihood_body(context, option) for context, opts in load.choices for option in opts]
-    prompts = [engine.tokenizer(body["prompt"])["input_ids"] for body in bodies]
+    bodies = [loglikelihood_body(prompt_ids) for prompt_ids, _ in load.encoded]
+    prompts = [body["prompt"] for body in bodies]
 
     forward_s = 0.0
     passes: list[tuple[int, int, int, float]] = []  # rows, new tokens per row, cached tokens per row, seconds

@@ -239,6 +239,22 @@ def test_the_slots_leave_scoring_passes_their_room_within_the_share(engine, monk
     assert cache_bytes(0.2, workers=3) == int(0.2 * 80 * gib / 3 - 4 * gib) - ACTIVATION_HEADROOM_BYTES
 
 
+def test_a_pass_is_planned_by_what_its_rows_hold(engine, monkeypatch):
+    """On a GPU a pass's rows are planned in bytes: contexts with no cache to gather hold only their logits and keys
+    and values, so a pass takes several times more of them than of rows that each gather a long shared prefix."""
+    assert transformers_scoring.pass_budget(engine.model) == transformers_scoring.PassBudget.of_tokens(
+        transformers_scoring.SCORING_TOKEN_BUDGET)  # on CPU: tokens only
+    new_token, cached_token = transformers_scoring._token_bytes(engine.model)
+    room = 1000 * new_token  # the pass's share of the free memory: 1,000 new tokens of contexts
+    monkeypatch.setattr(transformers_scoring, "free_device_bytes",
+                        lambda device: int(room / transformers_scoring.SCORING_MEMORY_SHARE))
+    budget = transformers_scoring.pass_budget(engine.model)
+    assert budget.fits(2, 500, 0) and not budget.fits(3, 500, 0)
+    option_rows = room // (8 * new_token + 500 * cached_token)  # 8-token options over a 500-token context
+    assert option_rows >= 1
+    assert budget.fits(option_rows, 8, 500) and not budget.fits(option_rows + 1, 8, 500)
+
+
 def test_one_greedy_token_after_scoring_needs_no_pass(engine, reference_model, tokenizer, monkeypatch):
     from gunicorn_llm.ops import metrics
     from test_slot_batching import collect, greedy_ids

@@ -51,7 +51,7 @@ from gunicorn_llm.request_schema import SamplingParams
 log = logging.getLogger("gunicorn.error")
 
 # New tokens per forward pass (rows x widest segment) at most: bounds the logits tensor (tokens x vocabulary) in memory;
-# on CUDA less where the free memory is less (pass_token_budget).
+# on CUDA less where the free memory is less (pass_budget).
 SCORING_TOKEN_BUDGET = 4096
 # Rows x (gathered cache width + widest segment) per pass: bounds the parents' keys and values copied side by side.
 CACHED_TOKENS_PER_NEW_TOKEN = 8
@@ -195,7 +195,7 @@ class _Segment:
 def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int | None = None) -> None:
     """Score every prompt of `jobs` in shared forward passes and set each job's result (or its error: a pass that
     fails fails the jobs with prompts in it, and the others go on). `token_budget`: new tokens per pass at most
-    (default: pass_token_budget, from the memory free now)."""
+    (default: pass_budget, from the memory free now)."""
     prompts: dict[tuple[int, ...], _Prompt] = {}
     for job in jobs:
         for index, ids in enumerate(job.prompts):
@@ -209,7 +209,8 @@ def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int
     level = _plan(scored, min_shared)
     parents: list[_Segment] = []  # the shared prefixes the level runs over
     while level:
-        passes = list(_chunks_within(_in_pass_order(level), token_budget or pass_token_budget(model)))
+        budget = PassBudget.of_tokens(token_budget) if token_budget else pass_budget(model)
+        passes = list(_chunks_within(_in_pass_order(level), budget))
         level = []
         for chunk in passes:
             level.extend(_run_or_split(model, pad_token_id, chunk))
@@ -303,30 +304,58 @@ def free_device_bytes(device: torch.device) -> int | None:
                int(total * _device_share.fraction) - allocated)
 
 
-def bytes_per_new_token(model) -> int:
-    """What each new token of a scoring pass takes: its logits, its keys and values (kept when it is a shared prefix)
-    and its share of the parents' gathered cache (CACHED_TOKENS_PER_NEW_TOKEN tokens of keys and values)."""
+def _token_bytes(model) -> tuple[int, int]:
+    """What a scoring pass holds per new token (its logits, its keys and values, kept when it is a shared prefix)
+    and per gathered cache column of a row (a parent's keys and values, copied for each of its children's rows)."""
     config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
     element = model.dtype.itemsize
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache_per_token = config.num_hidden_layers * 2 * heads * head_dim * element
     logits_per_token = model.get_output_embeddings().weight.shape[0] * element
-    return logits_per_token + (1 + CACHED_TOKENS_PER_NEW_TOKEN) * cache_per_token
+    return logits_per_token + cache_per_token, cache_per_token
 
 
 def full_pass_bytes(model) -> int:
-    """The free memory in which a pass gets its whole token budget (SCORING_TOKEN_BUDGET)."""
-    return int(SCORING_TOKEN_BUDGET * bytes_per_new_token(model) / SCORING_MEMORY_SHARE)
+    """The free memory in which a pass holds the most the budgets allow: SCORING_TOKEN_BUDGET new tokens over
+    CACHED_TOKENS_PER_NEW_TOKEN times as many gathered cache columns."""
+    new_token, cached_token = _token_bytes(model)
+    largest = SCORING_TOKEN_BUDGET * (new_token + CACHED_TOKENS_PER_NEW_TOKEN * cached_token)
+    return int(largest / SCORING_MEMORY_SHARE)
 
 
-def pass_token_budget(model) -> int:
-    """New tokens per pass within SCORING_MEMORY_SHARE of the free memory (bytes_per_new_token each);
-    SCORING_TOKEN_BUDGET at most, 1 at least (a segment longer than the budget runs alone)."""
+@dataclass(frozen=True)
+class PassBudget:
+    """What one forward pass may hold: rows x its longest segment within `tokens`, rows x (its widest parent cache
+    + longest segment) within `columns`, and with `bytes` (on CUDA), the rows' new tokens and gathered columns at
+    their costs in bytes (_token_bytes) within it: a pass of contexts alone, with no cache to gather, may then take
+    several times the tokens of one over a long shared prefix."""
+
+    tokens: int
+    columns: int
+    bytes: int | None = None
+    new_token_bytes: int = 0
+    cached_token_bytes: int = 0
+
+    @classmethod
+    def of_tokens(cls, tokens: int) -> PassBudget:
+        return cls(tokens, CACHED_TOKENS_PER_NEW_TOKEN * tokens)
+
+    def fits(self, rows: int, width: int, cached: int) -> bool:
+        return (rows * width <= self.tokens and rows * (cached + width) <= self.columns
+                and (self.bytes is None
+                     or rows * (width * self.new_token_bytes + cached * self.cached_token_bytes) <= self.bytes))
+
+
+def pass_budget(model) -> PassBudget:
+    """SCORING_TOKEN_BUDGET new tokens per pass at most, and on CUDA what SCORING_MEMORY_SHARE of the free memory
+    holds (a segment that does not fit runs alone)."""
     free = free_device_bytes(model.get_input_embeddings().weight.device)
     if free is None:
-        return SCORING_TOKEN_BUDGET
-    return max(1, min(SCORING_TOKEN_BUDGET, int(free * SCORING_MEMORY_SHARE / bytes_per_new_token(model))))
+        return PassBudget.of_tokens(SCORING_TOKEN_BUDGET)
+    new_token, cached_token = _token_bytes(model)
+    return PassBudget(SCORING_TOKEN_BUDGET, CACHED_TOKENS_PER_NEW_TOKEN * SCORING_TOKEN_BUDGET,
+                      int(free * SCORING_MEMORY_SHARE), new_token, cached_token)
 
 
 def _positions_per_chunk(logits: torch.Tensor) -> int:
@@ -388,18 +417,14 @@ def _in_pass_order(segments: list[_Segment]) -> list[_Segment]:
     return sorted(segments, key=lambda segment: (order[id(segment.parent)], len(segment.ids)))
 
 
-def _chunks_within(segments: list[_Segment], token_budget: int):
-    """Consecutive groups whose padded size stays within the budgets: rows x longest segment within `token_budget`,
-    rows x (widest parent cache + longest segment) within CACHED_TOKENS_PER_NEW_TOKEN times it (a longer segment:
-    alone)."""
+def _chunks_within(segments: list[_Segment], budget: PassBudget):
+    """Consecutive groups whose padded size stays within the budget (a segment that alone exceeds it: alone)."""
     chunk: list[_Segment] = []
     width = cached = 0
     for segment in segments:
         new_width = max(width, len(segment.ids))
         new_cached = max(cached, _cache_width(segment.parent))
-        rows = len(chunk) + 1
-        if chunk and (rows * new_width > token_budget
-                      or rows * (new_cached + new_width) > CACHED_TOKENS_PER_NEW_TOKEN * token_budget):
+        if chunk and not budget.fits(len(chunk) + 1, new_width, new_cached):
             yield chunk
             chunk, new_width, new_cached = [], len(segment.ids), _cache_width(segment.parent)
         chunk.append(segment)
