@@ -5,7 +5,8 @@ concurrently (queued prompts wait, a finished slot is refilled by moving the las
 crosses from the 128-column length bucket into the next); prompts sharing a prefix (run once, or copied from a
 running slot); n=2; the three ends of a choice (`max_tokens`, a stop token, the `max_len` cap) and the prompt-length
 refusal; cancelling; the sampling path (top-k 1 equals greedy, also in one step with a top-p sampled row and a greedy
-row); `paused`; the loop's death (`on_death`, open and queued streams fail, later `start`s are refused); `supports`
+row); `paused`; the loop's death (`on_death`, open and queued streams fail, later `start`s are refused), also when its
+thread's CUDA set-up fails (and the batching thread's); `supports`
 and `can_serve`; how many slots a cache budget holds.
 
 Every request on the fast path, against the engine's batched-generate path or transformers' own processors: a
@@ -368,6 +369,33 @@ def test_loop_death_fails_open_and_queued_streams_and_refuses_new_ones(reference
     assert engine.running() == 0
     with pytest.raises(RuntimeError, match="loop died"):
         engine.start(ids, SamplingParams(**GREEDY), NO_STOP)
+
+
+def test_a_thread_whose_cuda_set_up_fails_reports_the_death(reference_model, tokenizer, monkeypatch):
+    """The slot loop and the batching thread make their cuBLAS handle as they start (set_up_cuda_thread); where
+    that fails, the engine learns of it (on_death: the worker is replaced) instead of a thread ending unseen and its
+    requests waiting for nothing."""
+    from gunicorn_llm.engines import transformers_slots
+
+    _, model = reference_model
+    failure = RuntimeError("CUBLAS_STATUS_ALLOC_FAILED (injected)")
+
+    def fail(device):
+        raise failure
+
+    monkeypatch.setattr(transformers_slots, "set_up_cuda_thread", fail)
+    monkeypatch.setattr(transformers_generate, "set_up_cuda_thread", fail)
+    deaths: list[BaseException] = []
+    slots = SlotBatching(model, 1, 64, cache_bytes=2**30, cuda_graphs=False, on_death=deaths.append,
+                         on_step=lambda: None)
+    transformers_generate.BatchedGenerate(model, tokenizer, 4, beside=None, on_death=deaths.append,
+                                          on_step=lambda: None)
+    deadline = time.monotonic() + 10
+    while len(deaths) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert deaths == [failure, failure]
+    with pytest.raises(RuntimeError, match="loop died"):
+        slots.start(tokenizer("Hello")["input_ids"], SamplingParams(**GREEDY), NO_STOP)
 
 
 def test_supports(reference_model, embedded_model_dir):
