@@ -84,6 +84,8 @@ class Passes:
         rows, width = kwargs["input_ids"].shape
         self.shapes.append((rows, width, cache.get_seq_length() if cache is not None else 0))
         mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:  # rows with packed leaves: a real position sees itself
+            mask = mask[:, 0, :, -width:].diagonal(dim1=-2, dim2=-1)
         self.new_tokens += rows * width if mask is None else int(mask[:, -width:].sum())
 
     def __enter__(self):
@@ -108,6 +110,43 @@ def test_shared_contexts_run_once_and_every_prompt_equals_its_own_pass(model, to
         assert all(rows * width <= 64 or rows == 1 for rows, width, _ in passes.shapes), passes.shapes
     for job, ids in zip(jobs, prompts, strict=True):
         assert_equal_alone(model, ids, job.result.result(0)[0], job.top)
+
+
+def question_prompts(tokenizer) -> list[list[int]]:
+    """Each question's options after it, without shared examples."""
+    return [tokenizer(question + option)["input_ids"] for question, options in QUESTIONS.items() for option in options]
+
+
+def test_a_context_and_its_options_run_in_one_row_of_one_pass(model, tokenizer):
+    """A question's options are packed after its context in one row: one pass for all the questions, no cache kept
+    or gathered, and every option equal to its own pass."""
+    prompts = question_prompts(tokenizer)
+    jobs = [ScoreJob([ids], top=index % 3) for index, ids in enumerate(prompts)]
+    with Passes(model) as passes:
+        score_jobs(model, tokenizer.pad_token_id, jobs)
+    ((rows, _, cached),) = passes.shapes
+    assert rows < len(prompts) and cached == 0 and passes.new_tokens < sum(map(len, prompts))
+    for job, ids in zip(jobs, prompts, strict=True):
+        assert_equal_alone(model, ids, job.result.result(0)[0], job.top)
+
+
+def test_a_packed_row_out_of_memory_runs_its_options_over_its_cache(model, tokenizer, monkeypatch):
+    prompts = question_prompts(tokenizer)
+    jobs = [ScoreJob([ids], top=1) for ids in prompts]
+    forward = model.forward
+
+    def packed_rows_out_of_memory(*args, **kwargs):
+        if kwargs["attention_mask"].dim() == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", packed_rows_out_of_memory)
+    with Passes(model) as passes:
+        score_jobs(model, tokenizer.pad_token_id, jobs)
+    monkeypatch.undo()
+    assert any(cached for *_, cached in passes.shapes)
+    for job, ids in zip(jobs, prompts, strict=True):
+        assert_equal_alone(model, ids, job.result.result(0)[0], 1)
 
 
 def test_duplicates_prefixes_and_single_tokens_in_one_batch(model, tokenizer):

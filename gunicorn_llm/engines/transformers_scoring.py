@@ -7,9 +7,12 @@ distinct prompts form a prefix tree (`_plan`): a prefix that saves at least `MIN
 segment of its own, run once with its keys and values kept, and what follows it (the rest of each prompt, or a
 longer prefix some of them share) runs over that cache. The tree runs level by level, each level's segments in as
 few forward passes as the budgets allow: segments right-padded to the longest, their parents' caches gathered side by
-side (padded too), the attention mask hiding every padding column and position ids counting real tokens only. So a
-prompt's numbers are those of its own tokens over its own prefix whatever its batch mates (float32: equal to the
-prompt alone within 1e-5).
+side (padded too), the attention mask hiding every padding column and position ids counting real tokens only. A
+prefix followed only by prompts' short last parts (a question's options) runs them in its own row, after it, each
+seeing the prefix and itself only (a 4D mask, `_tree_mask`): a context and its options are then one row of one pass,
+with no cache kept, gathered and concatenated for each option (on a GPU that copying took more device time than the
+model's matrix products). So a prompt's numbers are those of its own tokens over its own prefix whatever its batch
+mates (float32: equal to the prompt alone within 1e-5).
 
 Log-probabilities come from the logits a chunk of positions at a time: the chosen token's logit and the top-k, less
 the position's logsumexp, and the chosen token's rank (vLLM's: how many tokens are at least as likely); no
@@ -57,6 +60,11 @@ SCORING_TOKEN_BUDGET = 4096
 CACHED_TOKENS_PER_NEW_TOKEN = 8
 # A shared prefix gets a segment of its own (one more pass per tree level) when it saves this many positions.
 MIN_SHARED_TOKENS = 32
+# A shared prefix followed only by whole prompts' last parts (a question's options) runs them in its own row, after it,
+# when they hold this many tokens at most: no cache kept and gathered for each of them, one pass fewer. Their
+# attention grows with the row's width squared, so long ones (whole questions after shared examples) run over the
+# cache instead.
+PACKED_LEAF_TOKENS = 256
 # Positions whose log-probabilities are taken at once: bounds the float32 copy of their logits (and its exp). On CUDA
 # as many as the free memory allows, up to MAX_POSITIONS_PER_CHUNK (fewer kernel launches); elsewhere
 # POSITIONS_PER_CHUNK.
@@ -168,6 +176,7 @@ class _Segment:
     end: int
     parent: _Segment | None
     children: list[_Segment] = field(default_factory=list)
+    packed: bool = False  # its children (all leaves, short) run in its own row, after it (PACKED_LEAF_TOKENS)
     # once run: entries of tokens start..end-1 (the first scored from the parent's last position; none for token 0)
     entries: list[TokenLogprob] = field(default_factory=list)
     # a shared prefix once run: its keys and values (row `row` of its pass's cache, the columns `kv_mask` says are
@@ -191,6 +200,15 @@ class _Segment:
     def failed(self) -> bool:
         return all(prompt.failed for prompt in self.prompts)
 
+    @property
+    def parts(self) -> list[_Segment]:
+        """What its row of a pass holds: itself, then its children where they are packed after it."""
+        return [self, *self.children] if self.packed else [self]
+
+    @property
+    def width(self) -> int:
+        return sum(len(part.ids) for part in self.parts)
+
 
 def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int | None = None) -> None:
     """Score every prompt of `jobs` in shared forward passes and set each job's result (or its error: a pass that
@@ -209,6 +227,7 @@ def score_jobs(model, pad_token_id: int, jobs: list[ScoreJob], token_budget: int
     level = _plan(scored, min_shared)
     parents: list[_Segment] = []  # the shared prefixes the level runs over
     while level:
+        _pack_leaves(level)
         budget = PassBudget.of_tokens(token_budget) if token_budget else pass_budget(model)
         passes = list(_chunks_within(_in_pass_order(level), budget))
         level = []
@@ -242,7 +261,7 @@ def _run_or_split(model, pad_token_id: int, segments: list[_Segment]) -> list[_S
         return []
     try:
         _run_pass(model, pad_token_id, segments)
-        return [child for segment in segments for child in segment.children]
+        return [child for segment in segments if not segment.packed for child in segment.children]
     except torch.OutOfMemoryError:
         pass  # split below, once this exception (whose traceback holds the pass's tensors) is gone
     except Exception as error:  # noqa: BLE001 - the error goes to the waiting requests, the loop goes on
@@ -251,7 +270,10 @@ def _run_or_split(model, pad_token_id: int, segments: list[_Segment]) -> list[_S
         return []
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the failed pass's blocks, for the other processes on the GPU too
-    tokens = sum(len(segment.ids) for segment in segments)
+    tokens = sum(segment.width for segment in segments)
+    if len(segments) == 1 and segments[0].packed:  # its leaves may fit over its cache, one by one
+        segments[0].packed = False
+        return _run_or_split(model, pad_token_id, segments)
     if len(segments) == 1:
         log.warning("scoring: %d new tokens over a cache of %d ran out of memory alone; its requests fail (503)",
                     tokens, _cache_width(segments[0].parent))
@@ -411,10 +433,17 @@ def _segments(prompts: list[_Prompt], parent: _Segment | None, start: int, probe
     return segments
 
 
+def _pack_leaves(level: list[_Segment]) -> None:
+    """Mark the level's shared prefixes whose children are short last parts of prompts: those run in its row."""
+    for segment in level:
+        segment.packed = bool(segment.children) and all(not child.children for child in segment.children) and sum(
+            len(child.ids) for child in segment.children) <= PACKED_LEAF_TOKENS
+
+
 def _in_pass_order(segments: list[_Segment]) -> list[_Segment]:
-    """Children of one parent side by side (their cache rows gather in one run), then by length (less padding)."""
+    """Children of one parent side by side (their cache rows gather in one run), then by width (less padding)."""
     order = {id(parent): index for index, parent in enumerate(dict.fromkeys(s.parent for s in segments))}
-    return sorted(segments, key=lambda segment: (order[id(segment.parent)], len(segment.ids)))
+    return sorted(segments, key=lambda segment: (order[id(segment.parent)], segment.width))
 
 
 def _chunks_within(segments: list[_Segment], budget: PassBudget):
@@ -422,11 +451,11 @@ def _chunks_within(segments: list[_Segment], budget: PassBudget):
     chunk: list[_Segment] = []
     width = cached = 0
     for segment in segments:
-        new_width = max(width, len(segment.ids))
+        new_width = max(width, segment.width)
         new_cached = max(cached, _cache_width(segment.parent))
         if chunk and not budget.fits(len(chunk) + 1, new_width, new_cached):
             yield chunk
-            chunk, new_width, new_cached = [], len(segment.ids), _cache_width(segment.parent)
+            chunk, new_width, new_cached = [], segment.width, _cache_width(segment.parent)
         chunk.append(segment)
         width, cached = new_width, new_cached
     if chunk:
@@ -443,25 +472,45 @@ def _cache_width(parent: _Segment | None) -> int:
 @torch.inference_mode()
 def _run_pass(model, pad_token_id: int, segments: list[_Segment]) -> None:
     device = model.get_input_embeddings().weight.device
-    width = max(len(segment.ids) for segment in segments)
-    lengths = [len(segment.ids) for segment in segments]
-    input_ids = torch.tensor([segment.ids + [pad_token_id] * (width - len(segment.ids)) for segment in segments],
-                             device=device)
+    lengths = [segment.width for segment in segments]
+    width = max(lengths)
+    rows = list(zip(segments, lengths, strict=True))
+    input_ids = torch.tensor([[token for part in segment.parts for token in part.ids] + [pad_token_id] * (width - n)
+                              for segment, n in rows], device=device)
     new_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
     parents = [segment.parent for segment in segments]
     cache, kv_mask = _gathered_cache(parents, device) if parents[0] is not None else (None, None)
     mask = new_mask if kv_mask is None else torch.cat([kv_mask, new_mask], dim=1)
-    starts = torch.tensor([segment.start for segment in segments], device=device)
-    positions = starts[:, None] + torch.arange(width, device=device)
-    keep = any(segment.children for segment in segments)
-    output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    # each part's tokens at their own positions (a packed leaf's right after its prefix's), padding's anywhere
+    positions = torch.tensor([[part.start + i for part in segment.parts for i in range(len(part.ids))]
+                              + [0] * (width - n) for segment, n in rows], device=device)
+    attention = _tree_mask(segments, mask) if any(segment.packed for segment in segments) else mask
+    keep = any(segment.children and not segment.packed for segment in segments)
+    output = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                    use_cache=keep)
     logits = output.logits  # [rows, width, vocabulary], the model's dtype
     _score_positions(logits, segments)
     for row, segment in enumerate(segments):
-        if segment.children:
+        if segment.children and not segment.packed:
             segment.cache, segment.row = output.past_key_values, row
             segment.kv_mask = mask[row, : mask.shape[1] - width + lengths[row]]
+
+
+def _tree_mask(segments: list[_Segment], columns: torch.Tensor) -> torch.Tensor:
+    """The attention mask [rows, 1, width, cached + width] of a pass with packed rows: a real position sees the real
+    cached columns (`columns`: 1 where real), and in its row the earlier positions of the row's prefix (part 0) and
+    of its own part. Padding positions see the prefix (a row with nothing to see would give NaN); nobody reads them."""
+    rows, total = columns.shape
+    width = max(segment.width for segment in segments)
+    part_of = torch.tensor([[index for index, part in enumerate(segment.parts) for _ in part.ids]
+                            + [-1] * (width - segment.width) for segment in segments], device=columns.device)
+    index = torch.arange(width, device=columns.device)
+    earlier = index[None, :] <= index[:, None]  # [query, key]
+    own = (part_of[:, None, :] == part_of[:, :, None]) | (part_of[:, None, :] == 0)  # [row, query, key]
+    real = columns.bool()[:, None, :]  # [row, 1, column]
+    cached = total - width
+    visible = torch.cat([real[:, :, :cached].expand(rows, width, cached), earlier & own & real[:, :, cached:]], dim=2)
+    return visible[:, None]
 
 
 def _gathered_cache(parents: list[_Segment], device) -> tuple[DynamicCache, torch.Tensor]:
@@ -489,38 +538,51 @@ def _gathered_cache(parents: list[_Segment], device) -> tuple[DynamicCache, torc
 
 
 def _score_positions(logits: torch.Tensor, segments: list[_Segment]) -> None:
-    """Each segment's entries, its last position kept for its children (a shared prefix) or remembered as its
-    prompt's next token (a leaf). The numbers cross to the host once per kind, for the whole pass."""
+    """Each part's entries (a row's segment, and the leaves packed after it: their first token scored from the
+    segment's last position), a segment's last position kept for its children where they run over its cache, a
+    leaf's remembered as its prompt's next token. The numbers cross to the host once per kind, for the whole pass."""
     rows, width, vocab = logits.shape
     flat = logits.view(rows * width, vocab)
-    # every position but each segment's last predicts the segment's next token
     positions, targets, tops = [], [], []
+    lasts: list[tuple[_Segment, int]] = []  # parts whose last position's distribution is kept or remembered
     for row, segment in enumerate(segments):
-        count = len(segment.ids) - 1
-        positions.extend(range(row * width, row * width + count))
-        targets.extend(segment.prompts[0].ids[segment.start + 1 : segment.end])
-        tops.extend([segment.top] * count)
+        at = row * width
+        for index, part in enumerate(segment.parts):
+            if index:  # a packed leaf's first token, after its prefix (part 0)
+                positions.append(row * width + len(segment.ids) - 1)
+                targets.append(part.ids[0])
+                tops.append(part.top)
+            # every position but the part's last predicts its next token
+            count = len(part.ids) - 1
+            positions.extend(range(at, at + count))
+            targets.extend(part.prompts[0].ids[part.start + 1 : part.end])
+            tops.extend([part.top] * count)
+            at += len(part.ids)
+            if not part.children or not part.packed:
+                lasts.append((part, at - 1))
     entries = _entries(flat, positions, targets, tops)
     firsts = iter(_first_entries([segment for segment in segments if segment.parent is not None]))
+    taken = 0
     for segment in segments:
-        first = [] if segment.parent is None else [next(firsts)]
-        segment.entries = first + entries[: len(segment.ids) - 1]
-        entries = entries[len(segment.ids) - 1 :]
-    last_rows = [row * width + len(segment.ids) - 1 for row, segment in enumerate(segments)]
-    last = flat[torch.tensor(last_rows, device=logits.device)].float()
+        for index, part in enumerate(segment.parts):
+            first = [next(firsts)] if index == 0 and segment.parent is not None else []
+            count = len(part.ids) - (index == 0)
+            part.entries = first + entries[taken : taken + count]
+            taken += count
+    last = flat[torch.tensor([at for _, at in lasts], device=logits.device)].float()
     logsumexp = torch.logsumexp(last, dim=-1)
     top_values, top_ids = last.topk(min(NEXT_TOKEN_TOP, vocab), dim=-1)
     top_values = (top_values - logsumexp[:, None]).tolist()
     top_ids = top_ids.tolist()
     logsumexps = logsumexp.tolist()
-    for row, segment in enumerate(segments):
-        if segment.children:
-            segment.last_logits, segment.last_logsumexp = last[row], logsumexps[row]
-            segment.last_top = list(zip(top_ids[row], top_values[row], strict=True))
+    for row, (part, _) in enumerate(lasts):
+        if part.children:
+            part.last_logits, part.last_logsumexp = last[row], logsumexps[row]
+            part.last_top = list(zip(top_ids[row], top_values[row], strict=True))
         else:
-            for job, _ in segment.prompts[0].uses:
+            for job, _ in part.prompts[0].uses:
                 if job.next_tokens is not None:
-                    job.next_tokens.remember(segment.prompts[0].ids, top_ids[row], top_values[row])
+                    job.next_tokens.remember(part.prompts[0].ids, top_ids[row], top_values[row])
                     break
 
 
