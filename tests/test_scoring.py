@@ -14,6 +14,7 @@ engine: a greedy one-token generation of a scored prompt is answered without a f
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -95,6 +96,21 @@ class Passes:
         self._hook.remove()
 
 
+@contextlib.contextmanager
+def out_of_memory_when(model, monkeypatch, failing):
+    """The model's forward passes whose arguments `failing` picks run out of memory (as on a GPU), within the block."""
+    forward = model.forward
+
+    def simulated(*args, **kwargs):
+        if failing(kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", simulated)
+    yield
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("budget", [transformers_scoring.SCORING_TOKEN_BUDGET, 64])
 def test_shared_contexts_run_once_and_every_prompt_equals_its_own_pass(model, tokenizer, budget):
     prompts = eval_prompts(tokenizer)
@@ -133,17 +149,9 @@ def test_a_context_and_its_options_run_in_one_row_of_one_pass(model, tokenizer):
 def test_a_packed_row_out_of_memory_runs_its_options_over_its_cache(model, tokenizer, monkeypatch):
     prompts = question_prompts(tokenizer)
     jobs = [ScoreJob([ids], top=1) for ids in prompts]
-    forward = model.forward
-
-    def packed_rows_out_of_memory(*args, **kwargs):
-        if kwargs["attention_mask"].dim() == 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", packed_rows_out_of_memory)
-    with Passes(model) as passes:
+    with out_of_memory_when(model, monkeypatch, lambda kwargs: kwargs["attention_mask"].dim() == 4), \
+            Passes(model) as passes:
         score_jobs(model, tokenizer.pad_token_id, jobs)
-    monkeypatch.undo()
     assert any(cached for *_, cached in passes.shapes)
     for job, ids in zip(jobs, prompts, strict=True):
         assert_equal_alone(model, ids, job.result.result(0)[0], 1)
@@ -205,17 +213,9 @@ def test_out_of_memory_splits_the_pass_and_fails_only_what_cannot_run_alone(mode
     long = tokenizer("Once upon a time, in a land far away, " * 20)["input_ids"]
     assert len(long) > room >= max(map(len, prompts)) - len(tokenizer(FEWSHOT)["input_ids"])
     jobs = [ScoreJob([ids], top=1) for ids in prompts] + [ScoreJob([long], top=1)]
-    forward = model.forward
-
-    def within_room(*args, **kwargs):
-        if kwargs["input_ids"].numel() > room:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", within_room)
-    with Passes(model) as passes:
+    with out_of_memory_when(model, monkeypatch, lambda kwargs: kwargs["input_ids"].numel() > room), \
+            Passes(model) as passes:
         score_jobs(model, tokenizer.pad_token_id, jobs)
-    monkeypatch.undo()
     assert any(rows * width > room for rows, width, _ in passes.shapes)  # tried whole first, then split
     for job, ids in zip(jobs, prompts, strict=False):
         assert_equal_alone(model, ids, job.result.result(0)[0], 1)
