@@ -570,7 +570,7 @@ def test_prompt_logprobs_of_many_requests_share_forward_passes(slots, generate_e
     # is taken and waits, the others queue meanwhile.
     monkeypatch.setattr(generate_engine.generate, "beside", slots.engine)
     # No gathering window (tests/test_scoring.py): the first request is scored before the others arrive.
-    monkeypatch.setattr(transformers_generate, "take_arriving", lambda jobs: [])
+    monkeypatch.setattr(transformers_generate, "take_arriving", lambda jobs, **window: [])
     results: list = [None] * len(requests)
 
     def score(index: int) -> None:

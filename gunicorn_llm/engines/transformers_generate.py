@@ -23,6 +23,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from gunicorn_llm.engines.grammars import Grammars, advance, mask_logits, new_ma
 from gunicorn_llm.engines.token_controls import TokenControls
 from gunicorn_llm.engines.transformers_batching import BatchingPath, ContinuousPath
 from gunicorn_llm.engines.transformers_sampling import presence_frequency_penalized, token_logprobs
-from gunicorn_llm.engines.transformers_scoring import NextTokens, ScoreJob, score_jobs, take_arriving
+from gunicorn_llm.engines.transformers_scoring import GATHER_MAX_S, NextTokens, ScoreJob, score_jobs, take_arriving
 from gunicorn_llm.engines.transformers_slots import set_up_cuda_thread
 from gunicorn_llm.request_schema import SamplingParams
 
@@ -200,6 +201,7 @@ class BatchedGenerate(BatchingPath):
         self.stream_interval = stream_interval
         self._jobs: queue.Queue = queue.Queue()
         self._observer: _StepObserver | None = None  # the batched generate running now, if any
+        self._last_scoring_s = GATHER_MAX_S  # how long the last round of scoring took
         threading.Thread(target=self._run_batches, name="batcher", daemon=True).start()
 
     @staticmethod
@@ -241,11 +243,15 @@ class BatchedGenerate(BatchingPath):
                 except queue.Empty:
                     break
             if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
-                jobs += take_arriving(self._jobs)
+                # waiting longer than a round of scoring takes (on a GPU, tens of milliseconds) would cost more than
+                # scoring a late option's context again
+                jobs += take_arriving(self._jobs, max_s=min(GATHER_MAX_S, self._last_scoring_s))
             with self.beside.paused() if self.beside else contextlib.nullcontext():
                 scoring = [job for job in jobs if isinstance(job, ScoreJob)]
                 if scoring:
+                    started = time.monotonic()
                     score_jobs(self.model, self.tokenizer.pad_token_id, scoring)
+                    self._last_scoring_s = time.monotonic() - started
                 groups: dict[SamplingParams, list[GenerateJob]] = {}
                 for job in (job for job in jobs if isinstance(job, GenerateJob)):
                     if job.params.seed is not None:  # never batched with others: that keeps it reproducible

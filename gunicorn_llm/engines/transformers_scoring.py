@@ -73,9 +73,9 @@ MAX_POSITIONS_PER_CHUNK = 4096
 # The share of the free device memory that a pass's plan, or a chunk's float32 copies, may count on: the rest is left
 # for what the estimates leave out (the layers' activations, the allocator's rounding) and the other threads' work.
 SCORING_MEMORY_SHARE = 0.5
-# After a scoring job is taken, jobs arriving less than GATHER_GAP_S apart (for GATHER_MAX_S at most) join it: a
-# client's burst (a question's options) reaches the queue over a few milliseconds, and scored apart its options would
-# not share their context.
+# After a scoring job is taken, jobs arriving less than GATHER_GAP_S apart (for GATHER_MAX_S at most, and no longer than
+# the last round of scoring took: transformers_generate.py) join it: a client's burst (a question's options) reaches
+# the queue over a few milliseconds, and scored apart its options would not share their context.
 GATHER_GAP_S = 0.02
 GATHER_MAX_S = 0.1
 # The most top alternatives a request may ask for (request_schema: logprobs <= 20), kept per scored prompt's next token
