@@ -355,6 +355,23 @@ def test_a_constrained_token_after_scoring_is_generated_under_its_grammar(engine
     assert "zebra".startswith(tokenizer.decode([token])), tokenizer.decode([token])  # the grammar's, in any split
 
 
+def test_a_failing_round_fails_its_requests_and_the_batching_thread_goes_on(engine, tokenizer, monkeypatch):
+    """A fault outside any forward pass (planning, say) fails the requests of that round; the next are scored."""
+    from gunicorn_llm.engines import transformers_generate
+
+    ids = eval_prompts(tokenizer)[0]
+
+    def broken(*args, **kwargs):
+        raise ValueError("a planning fault")
+
+    monkeypatch.setattr(transformers_generate, "score_jobs", broken)
+    with pytest.raises(ValueError, match="a planning fault"):
+        engine.prompt_logprobs([ids], deadline=time.monotonic() + 30)
+    monkeypatch.undo()
+    (scored,) = engine.prompt_logprobs([ids], top=1, deadline=time.monotonic() + 30)
+    assert_equal_alone(engine.model, ids, scored, 1)
+
+
 def test_next_tokens_keep_the_latest_prompts():
     memo = NextTokens(capacity=2)
     for token in range(3):

@@ -242,24 +242,36 @@ class BatchedGenerate(BatchingPath):
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
-                # waiting longer than a round of scoring takes (on a GPU, tens of milliseconds) would cost more than
-                # scoring a late option's context again
-                jobs += take_arriving(self._jobs, max_s=min(GATHER_MAX_S, self._last_scoring_s))
-            with self.beside.paused() if self.beside else contextlib.nullcontext():
-                scoring = [job for job in jobs if isinstance(job, ScoreJob)]
-                if scoring:
-                    started = time.monotonic()
-                    score_jobs(self.model, self.tokenizer.pad_token_id, scoring)
-                    self._last_scoring_s = time.monotonic() - started
-                groups: dict[SamplingParams, list[GenerateJob]] = {}
-                for job in (job for job in jobs if isinstance(job, GenerateJob)):
-                    if job.params.seed is not None:  # never batched with others: that keeps it reproducible
-                        self._generate_group([job])
-                    else:  # each row's constraint is its own matcher's: it does not split a batch
-                        groups.setdefault(job.params.model_copy(update={"structured_outputs": None}), []).append(job)
-                for group in groups.values():
-                    self._generate_group(group)
+            try:
+                self._run_round(jobs)
+            except Exception as error:  # noqa: BLE001 - a fault of one round fails its requests, the next goes on
+                log.exception("a batching round of %d requests failed", len(jobs))
+                for job in jobs:
+                    if isinstance(job, ScoreJob):
+                        if not job.result.done():
+                            job.result.set_exception(error)
+                    else:
+                        job.stream.fail(error)  # after a finished answer: never read
+
+    def _run_round(self, jobs: list) -> None:
+        if any(isinstance(job, ScoreJob) for job in jobs):  # the rest of a scoring burst is on its way
+            # waiting longer than a round of scoring takes (on a GPU, tens of milliseconds) would cost more than
+            # scoring a late option's context again; extended in place: a failed round fails these too
+            jobs.extend(take_arriving(self._jobs, max_s=min(GATHER_MAX_S, self._last_scoring_s)))
+        with self.beside.paused() if self.beside else contextlib.nullcontext():
+            scoring = [job for job in jobs if isinstance(job, ScoreJob)]
+            if scoring:
+                started = time.monotonic()
+                score_jobs(self.model, self.tokenizer.pad_token_id, scoring)
+                self._last_scoring_s = time.monotonic() - started
+            groups: dict[SamplingParams, list[GenerateJob]] = {}
+            for job in (job for job in jobs if isinstance(job, GenerateJob)):
+                if job.params.seed is not None:  # never batched with others: that keeps it reproducible
+                    self._generate_group([job])
+                else:  # each row's constraint is its own matcher's: it does not split a batch
+                    groups.setdefault(job.params.model_copy(update={"structured_outputs": None}), []).append(job)
+            for group in groups.values():
+                self._generate_group(group)
 
     def _generate_group(self, jobs: list[GenerateJob]) -> None:
         params = jobs[0].params.model_copy(update={"structured_outputs": None})  # the rows' sampling, shared
