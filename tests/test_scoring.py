@@ -6,8 +6,10 @@ tokens once, and every prompt's log-probabilities and top alternatives equal one
 within a token budget small enough to split every level over several passes, and with sharing off (a model whose
 attention is not plain causal); duplicate prompts, a prompt that is another's prefix, a one-token prompt and jobs
 asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; a pass out of
-memory runs in halves, and only a prompt that cannot run alone fails (EngineBusy); the batching thread's short wait
-for the rest of a burst; workers sharing a GPU split its free memory. Through the
+memory runs in halves, and only a prompt that cannot run alone fails (EngineBusy); a question's options packed after
+its context run in one row of one pass, and over its cache when that row runs out of memory; the batching thread's
+short wait for the rest of a burst; workers sharing a GPU split its free memory; a failing round of the batching
+thread fails its requests and the thread goes on. Through the
 engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
 `generate`'s token and log-probabilities; other requests still generate.
 """
