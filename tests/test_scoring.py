@@ -8,10 +8,10 @@ attention is not plain causal); duplicate prompts, a prompt that is another's pr
 asking for different numbers of alternatives; a failing pass fails only the jobs with prompts in it; a pass out of
 memory runs in halves, and only a prompt that cannot run alone fails (EngineBusy); a question's options packed after
 its context run in one row of one pass, and over its cache when that row runs out of memory; the batching thread's
-short wait for the rest of a burst; workers sharing a GPU split its free memory; a failing round of the batching
-thread fails its requests and the thread goes on. Through the
-engine: a greedy one-token generation of a scored prompt is answered without a forward pass and equals plain
-`generate`'s token and log-probabilities; other requests still generate.
+short wait for the rest of a burst, no longer than its last round took; workers sharing a GPU split its free
+memory; a failing round of the batching thread fails its requests and the thread goes on. Through the engine: a
+greedy one-token generation of a scored prompt is answered without a forward pass and equals plain `generate`'s
+token and log-probabilities; other requests still generate.
 """
 
 from __future__ import annotations
@@ -372,6 +372,28 @@ def test_a_failing_round_fails_its_requests_and_the_batching_thread_goes_on(engi
     monkeypatch.undo()
     (scored,) = engine.prompt_logprobs([ids], top=1, deadline=time.monotonic() + 30)
     assert_equal_alone(engine.model, ids, scored, 1)
+
+
+def test_the_gathering_window_lasts_no_longer_than_the_last_round(engine, tokenizer, monkeypatch):
+    """The wait for the rest of a burst is capped by how long the worker's last round of scoring took (on a GPU, tens
+    of milliseconds), and by GATHER_MAX_S. Rounds of a known 30 ms stand in for the passes here."""
+    from gunicorn_llm.engines import transformers_generate
+
+    windows: list[float] = []
+
+    def round_of_30_ms(model, pad_token_id, jobs):
+        time.sleep(0.03)
+        for job in jobs:
+            job.result.set_result([[] for _ in job.prompts])
+
+    monkeypatch.setattr(transformers_generate, "take_arriving", lambda jobs, max_s: windows.append(max_s) or [])
+    monkeypatch.setattr(transformers_generate, "score_jobs", round_of_30_ms)
+    monkeypatch.setattr(engine.generate, "_last_scoring_s", transformers_scoring.GATHER_MAX_S)
+    ids = eval_prompts(tokenizer)[0]
+    for _ in range(2):
+        engine.prompt_logprobs([ids], deadline=time.monotonic() + 30)
+    assert windows[0] == transformers_scoring.GATHER_MAX_S
+    assert 0.03 <= windows[1] < 0.06
 
 
 def test_next_tokens_keep_the_latest_prompts():
