@@ -128,6 +128,14 @@ def scrape_metrics(server) -> dict[str, list]:
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 
+def openai_client(server, timeout: float):
+    """The openai SDK's client of a server's /v1 routes. No retries: a failed request must fail the test, not be
+    retried into a pass."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=timeout, max_retries=0)
+
+
 def metric_value(samples, name: str, **labels) -> float:
     """The sum of the samples named `name` that carry these labels."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

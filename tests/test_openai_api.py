@@ -19,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from conftest import plain_generate
+from conftest import openai_client, plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: 2018-..." (no end-of-sequence within 16)
@@ -37,8 +37,7 @@ def server(engine_server):
 
 @pytest.fixture
 def client(server):
-    # No retries: a failed request must fail the test, not be retried into a pass.
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0)
+    return openai_client(server, HTTP_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

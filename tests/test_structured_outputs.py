@@ -26,12 +26,11 @@ import time
 from typing import Literal
 
 import jsonschema
-import openai
 import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from conftest import continuous_steps, plain_generate
+from conftest import continuous_steps, openai_client, plain_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 120
@@ -60,7 +59,7 @@ def server(engine_server):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0)
+    return openai_client(server, HTTP_TIMEOUT)
 
 
 def post(server, route: str, body: dict) -> requests.Response:

@@ -20,6 +20,8 @@ import jsonschema
 import openai
 import pytest
 
+from conftest import openai_client
+
 MODEL = "SmolLM2-135M-Instruct"
 HTTP_TIMEOUT = 300  # a shared 2-core machine under load: 1 s a token was seen
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +46,7 @@ def server(engine_server):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0)
+    return openai_client(server, HTTP_TIMEOUT)
 
 
 def calls_of(message) -> list[tuple[str, dict]]:
