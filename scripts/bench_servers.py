@@ -7,8 +7,9 @@ server. Prints bench.py's table and ratios (to the first server) and writes its 
 prefix; the plot is drawn from the JSON where matplotlib is installed. `--modes whole` asks for whole answers;
 `--modes eval` runs an evaluation harness's load instead (scripts/bench_eval_load.py: multiple-choice scoring and
 generate-until, `--eval-items`, `--eval-generations`, `--eval-fewshot`, at the first `--concurrency`) against the same
-servers; `--modes vllm-bench` runs vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored,
-streamed) at each concurrency, 8 prompts per client (at least 32), on every server that speaks /v1/completions.
+servers (and, with `--eval-hf`, lm-eval's in-process `hf` model on the same load); `--modes vllm-bench` runs
+vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored, streamed) at each concurrency, 8
+prompts per client (at least 32), on every server that speaks /v1/completions.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -132,6 +133,9 @@ def main() -> None:
     cli.add_argument("--eval-generations", type=int, default=200, help="--modes eval: generate-until requests")
     cli.add_argument("--eval-fewshot", type=int, nargs="+", default=[0],
                      help="--modes eval: one run per value, every context and prompt after that many shared examples")
+    cli.add_argument("--eval-hf", action="store_true",
+                     help="--modes eval: lm-eval's in-process hf model on the same load too, after the servers (which "
+                     "keep their GPU memory meanwhile)")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +194,8 @@ def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
                    "--generations", str(options.eval_generations), "--concurrency", str(options.concurrency[0])]
         for url in bench_urls:
             command += ["--url", url.rpartition("@")[0]]
+        if options.eval_hf:
+            command += ["--hf", str(model)]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=False)
 
