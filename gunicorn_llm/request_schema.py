@@ -2,7 +2,8 @@
 
 Body: `{"instances": [str, ...], "params": {...}}`. `params` are vLLM-style sampling parameters with the original
 evaluation toolkit's defaults (vLLM's `SamplingParams` defaults: temperature 1.0, max_tokens 16, ...). Keys this
-server does not know are dropped and reported so the caller can log them: existing clients send extra keys.
+server does not know are dropped and reported so the caller can log them: existing clients send extra keys. The
+names UltraEval's transformers server also took (`max_new_tokens`, `do_sample`) mean what they meant there.
 Wrong types and out-of-range values raise `RequestError` naming the field.
 """
 
@@ -157,7 +158,8 @@ class StructuredOutputs(BaseModel):
 
 def _as_on_the_wire(schema: dict[str, Any]) -> None:
     schema.pop("additionalProperties", None)
-    schema["description"] += " Keys the server does not know are ignored (with a warning)."
+    schema["description"] += (" Keys the server does not know are ignored (with a warning); vLLM's that it does not "
+                              "honour are refused where they ask for something.")
 
 
 class SamplingParams(BaseModel):
@@ -288,19 +290,42 @@ class InferRequest(BaseModel):
 KNOWN_PARAMS = frozenset(SamplingParams.model_fields)
 
 
-def parse_infer_request(body: Any) -> tuple[InferRequest, list[str]]:
-    """Validate an `/infer` body; return it with the names of the params keys that were ignored."""
+def parse_infer_request(body: Any) -> tuple[InferRequest, dict[str, Any]]:
+    """Validate an `/infer` body; return it with the params keys it does not know (the caller refuses those that
+    ask for something this server does not do, and ignores the rest)."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object with 'instances' and 'params'")
-    ignored: list[str] = []
+    unknown: dict[str, Any] = {}
     if isinstance(body.get("params"), dict):
-        params = body["params"]
-        ignored = sorted(key for key in params if key not in KNOWN_PARAMS)
+        params = _generate_names_as_vllms(body["params"])
+        unknown = {key: value for key, value in params.items() if key not in KNOWN_PARAMS}
         body = {**body, "params": {key: value for key, value in params.items() if key in KNOWN_PARAMS}}
     try:
-        return InferRequest.model_validate(body), ignored
+        return InferRequest.model_validate(body), unknown
     except ValidationError as error:
         raise as_request_error(error) from None
+
+
+def _generate_names_as_vllms(params: dict[str, Any]) -> dict[str, Any]:
+    """The params with transformers' `generate()` names that UltraEval's transformers server took beside vLLM's
+    (`max_new_tokens`, `do_sample`) as the vLLM params they mean: ignored, they would change the answers silently."""
+    params = dict(params)
+    if "max_new_tokens" in params:
+        max_new_tokens = params.pop("max_new_tokens")
+        if "max_tokens" in params and params["max_tokens"] != max_new_tokens:
+            raise RequestError(f"params.max_new_tokens: {max_new_tokens!r} differs from max_tokens "
+                               f"{params['max_tokens']!r}; send one of them", "params.max_new_tokens")
+        params["max_tokens"] = max_new_tokens
+    if "do_sample" in params:
+        do_sample = params.pop("do_sample")
+        if type(do_sample) is not bool:
+            raise RequestError("params.do_sample: true or false", "params.do_sample")
+        if not do_sample:
+            params["temperature"] = 0  # greedy, whatever the temperature, as generate() decodes
+        elif params.get("temperature") == 0:
+            raise RequestError("params.do_sample: true samples, and temperature 0 is greedy decoding; send a "
+                               "temperature above 0 to sample", "params.do_sample")
+    return params
 
 
 def as_request_error(error: ValidationError) -> RequestError:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from gunicorn_llm.engines.base import ChoiceUpdate, EngineBusy, GenerationStream, TokenLogprob
 from gunicorn_llm.http.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest
 from gunicorn_llm.http.unhonoured_fields import UNHONOURED
+from gunicorn_llm.request_schema import SamplingParams
 from scripted_engine import ScriptedEngine, scripted_client, scripted_client_of
 
 pytestmark = pytest.mark.inprocess
@@ -285,6 +286,11 @@ def test_a_field_is_honoured_or_refused_never_both(route):
     # test_openai_api.py)
     honoured = (CompletionRequest if route == "/v1/completions" else ChatCompletionRequest).model_fields
     assert set(honoured) & set(UNHONOURED[route]) == set()
+
+
+@pytest.mark.parametrize("route", ["/infer", "/generate"])
+def test_a_sampling_param_is_honoured_or_refused_never_both(route):
+    assert set(SamplingParams.model_fields) & set(UNHONOURED[route]) == set()
 
 
 def test_echo_with_max_tokens_0_answers_the_scored_prompt_and_generates_nothing(client, tokenizer):

@@ -353,6 +353,19 @@ def test_vllm_url_infer_answers_the_toolkits_requests_as_infer_does(server):
     assert "/vllm-url-infer: ignoring unknown key 'sampling_num'" in server.log()
 
 
+def test_infer_takes_the_generate_names_ultraevals_transformers_server_took(server):
+    # `max_new_tokens` and `do_sample: false` (greedy) mean what they meant there, on both engines
+    def infer(params: dict) -> list[str]:
+        response = requests.post(f"{server.url}/infer", json={"instances": [PROMPT], "params": params},
+                                 timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert infer({"do_sample": False, "max_new_tokens": 3}) == infer({"temperature": 0, "max_tokens": 3})
+    assert infer({"do_sample": False, "temperature": 0.9, "max_new_tokens": 3}) == infer({"temperature": 0,
+                                                                                          "max_tokens": 3})
+
+
 def test_tokenize_and_detokenize_use_the_models_tokenizer_in_vllms_shapes(server, reference_model):
     tokenizer, _ = reference_model
     context = requests.get(f"{server.url}/v1/models", timeout=HTTP_TIMEOUT).json()["data"][0]["max_model_len"]
@@ -443,6 +456,34 @@ def test_every_field_of_vllms_request_models_is_honoured_or_refused_with_a_400_n
         assert response.status_code == 200, (no_ops, response.text)
     assert f"ignoring unknown key {next(iter(UNHONOURED[route]))!r}" not in server.log()
     assert running(server) == 0
+
+
+@pytest.mark.parametrize("route", ["/infer", "/generate"])
+def test_every_field_of_vllms_sampling_params_is_honoured_or_refused_with_a_400_naming_it(server, route):
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    from gunicorn_llm.http.unhonoured_fields import UNHONOURED
+    from gunicorn_llm.request_schema import KNOWN_PARAMS
+
+    vllm_fields = {name for name in VLLMSamplingParams.__struct_fields__ if not name.startswith("_")}
+    assert vllm_fields - KNOWN_PARAMS - set(UNHONOURED[route]) == set(), "vLLM fields neither honoured nor refused"
+
+    def post(fields: dict) -> requests.Response:  # /infer takes them in its params, /generate at the top level
+        body = ({"instances": [PROMPT], "params": {"max_tokens": 1, **fields}} if route == "/infer"
+                else {"prompt": PROMPT, "max_tokens": 1, **fields})
+        return requests.post(server.url + route, json=body, timeout=HTTP_TIMEOUT)
+
+    where = "params." if route == "/infer" else ""
+    for field, rule in UNHONOURED[route].items():
+        response = post({field: asks_for_something(rule.no_op)})
+        assert response.status_code == 400, (field, response.text)
+        error = response.json()["error"]
+        assert error["param"] == where + field and rule.why in error["message"]
+    for which in range(max(len(rule.no_op) for rule in UNHONOURED[route].values())):
+        response = post({field: rule.no_op[which] for field, rule in UNHONOURED[route].items()
+                         if which < len(rule.no_op)})
+        assert response.status_code == 200, response.text
+    assert f"ignoring unknown key {next(iter(UNHONOURED[route]))!r}" not in server.log()
 
 
 # -- 11. a benchmark's burst, with the default admission settings ------------------------------------------------

@@ -105,7 +105,7 @@ def test_openapi_document_accepts_the_documented_requests():
         return validator.is_valid(body)
 
     assert valid("InferRequest", {"instances": ["The capital of France is"],
-                                  "params": {"temperature": 0, "max_tokens": 16, "best_of": 2}})
+                                  "params": {"temperature": 0, "max_tokens": 16, "sampling_num": 2}})
     assert valid("InferRequest", {"instances": ["a"], "params": {"stop": "\n"}})
     assert not valid("InferRequest", {"instances": ["a"], "params": {"top_p": 1.5}})
     assert not valid("InferRequest", {"instances": []})
@@ -242,11 +242,20 @@ def test_generate_refuses_in_the_shape_every_route_refuses_in(client, body, para
 
 
 def test_generate_ignores_keys_it_does_not_know_and_streams_on_the_query(client):
-    body = {"prompt": "Hi", "max_tokens": 3, "best_of": 2}
+    body = {"prompt": "Hi", "max_tokens": 3, "sampling_num": 2, "best_of": 1}
     whole = client.post("/generate", json=body)
     streamed = client.post("/generate?streaming=TRUE", json=body)
     assert whole.get_data(as_text=True) == streamed.get_data(as_text=True) == ANSWER
     assert whole.status_code == streamed.status_code == 200
+
+
+def test_generate_and_infer_refuse_the_sampling_params_of_vllms_they_do_not_honour(client):
+    refused = client.post("/generate", json={"prompt": "Hi", "best_of": 2})
+    assert refused.status_code == 400 and refused.json["error"]["param"] == "best_of"
+    refused = client.post("/infer", json={"instances": ["Hi"], "params": {"use_beam_search": True}})
+    assert refused.status_code == 400, refused.json
+    assert refused.json["error"]["param"] == "params.use_beam_search"
+    assert "`params.use_beam_search` is not honoured by this server: beam search" in refused.json["error"]["message"]
 
 
 def test_generate_params_are_the_same_params_as_infers():

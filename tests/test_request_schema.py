@@ -56,9 +56,9 @@ def params_error(**params) -> RequestError:
 
 
 def test_instances_come_back_in_order():
-    request, ignored = parse_infer_request({"instances": ["a", "b", "c"]})
+    request, unknown = parse_infer_request({"instances": ["a", "b", "c"]})
     assert request.instances == ["a", "b", "c"]
-    assert ignored == []
+    assert unknown == {}
 
 
 def test_defaults_equal_vllm_sampling_params_defaults():
@@ -83,20 +83,38 @@ def test_integer_json_number_is_accepted_for_a_float_param():
     assert params.top_p == 1.0
 
 
-def test_unknown_params_are_reported_as_ignored_and_dropped():
-    request, ignored = parse_infer_request(
-        {"instances": ["Hello"], "params": {"temperature": 0.5, "use_beam_search": True, "best_of": 2}}
+def test_unknown_params_are_reported_with_their_values_and_dropped():
+    # UltraEval's own key, and vLLM's older best_of at its default (route: refused where it asks for something)
+    request, unknown = parse_infer_request(
+        {"instances": ["Hello"], "params": {"temperature": 0.5, "sampling_num": 3, "best_of": 1}}
     )
-    assert ignored == ["best_of", "use_beam_search"]
+    assert unknown == {"sampling_num": 3, "best_of": 1}
     assert request.params.temperature == 0.5
-    assert "best_of" not in request.params.model_dump()
-    assert "use_beam_search" not in request.params.model_dump()
+    assert "sampling_num" not in request.params.model_dump() and "best_of" not in request.params.model_dump()
+
+
+def test_max_new_tokens_is_max_tokens():
+    # UltraEval's transformers server took transformers' name for it
+    assert parse_params(max_new_tokens=3).max_tokens == 3
+    assert parse_params(max_new_tokens=3, max_tokens=3).max_tokens == 3
+    error = params_error(max_new_tokens=3, max_tokens=5)
+    assert error.param == "params.max_new_tokens" and "differs from max_tokens 5" in error.message
+
+
+def test_do_sample_false_is_greedy_and_true_samples():
+    assert parse_params(do_sample=False).is_greedy
+    assert parse_params(do_sample=False, temperature=0.7).is_greedy  # as transformers' generate() decodes
+    assert parse_params(do_sample=True, temperature=0.7).temperature == 0.7
+    assert parse_params(do_sample=True).temperature == 1.0
+    error = params_error(do_sample=True, temperature=0)
+    assert error.param == "params.do_sample" and "temperature 0 is greedy" in error.message
+    assert params_error(do_sample="no").param == "params.do_sample"
 
 
 def test_unknown_top_level_keys_are_ignored():
-    request, ignored = parse_infer_request({"instances": ["Hello"], "model": "whatever"})
+    request, unknown = parse_infer_request({"instances": ["Hello"], "model": "whatever"})
     assert request.instances == ["Hello"]
-    assert ignored == []
+    assert unknown == {}
 
 
 def test_one_stop_string_becomes_a_tuple():
@@ -229,8 +247,8 @@ def test_a_body_that_is_not_an_object_is_refused(body):
 
 
 def test_null_params_means_the_defaults():
-    request, ignored = parse_infer_request({"instances": ["Hello"], "params": None})
-    assert request.params == SamplingParams() and ignored == []
+    request, unknown = parse_infer_request({"instances": ["Hello"], "params": None})
+    assert request.params == SamplingParams() and unknown == {}
 
 
 def test_logit_bias_is_kept_as_sorted_pairs_and_an_empty_one_is_none():

@@ -125,10 +125,16 @@ def parse_body(model: type[RequestModel], body: Any, route: str) -> RequestModel
         parsed = model.model_validate(body)
     except ValidationError as error:
         raise as_request_error(error) from None
-    extra = parsed.model_extra or {}
-    refuse_unhonoured(route, extra)
-    warn_ignored_keys(route, [key for key in extra if key not in UNHONOURED.get(route, {})])
+    refuse_or_ignore(route, parsed.model_extra or {})
     return parsed
+
+
+def refuse_or_ignore(route: str, extra: dict[str, Any], prefix: str = "", path: str | None = None) -> None:
+    """Keys of a request that its route's model does not define (at `prefix` in the body, on `path` when the route
+    has several): a field OpenAI or vLLM defines that this server does not honour is refused where it asks for
+    something (unhonoured_fields.py); the others are ignored, as vLLM's server does, with a warning."""
+    refuse_unhonoured(route, extra, prefix)
+    warn_ignored_keys(path or route, [key for key in extra if key not in UNHONOURED.get(route, {})])
 
 
 def warn_ignored_keys(route: str, keys: list[str]) -> None:

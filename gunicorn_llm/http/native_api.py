@@ -25,8 +25,8 @@ from gunicorn_llm.http.common import (
     error_body,
     parse_body,
     read_json_body,
+    refuse_or_ignore,
     start_generation,
-    warn_ignored_keys,
 )
 from gunicorn_llm.http.guards import admit
 from gunicorn_llm.http.json_encoding import encode_json
@@ -41,8 +41,8 @@ native = Blueprint("native", __name__)
 @native.post("/infer")
 @native.post("/vllm-url-infer")
 def infer():
-    infer_request, ignored = parse_infer_request(read_json_body())
-    warn_ignored_keys(request.path, ignored)
+    infer_request, unknown = parse_infer_request(read_json_body())
+    refuse_or_ignore("/infer", unknown, prefix="params.", path=request.path)
     check_prompt_count(len(infer_request.instances))
     engine = current_engine()
     params = infer_request.params

@@ -1,4 +1,6 @@
 """The OpenAI and vLLM request fields this server does not honour yet: a request that sets one gets a 400 naming it.
+On the OpenAI routes these are fields of vLLM's request models; on /infer (its `params`) and /generate, fields of
+vLLM's SamplingParams.
 
 An OpenAI-compatible server that accepts such a field and answers 200 without acting on it misleads its client
 (an evaluation then scores an unconstrained answer as if it were constrained, a tool call that never came as plain
@@ -64,7 +66,33 @@ _SHARED = {
     "return_mm_kwargs": Unhonoured(_MULTIMODAL, (None, False)),
 }
 
+# vLLM's SamplingParams fields that /infer's `params` and /generate do not honour: today's, and the older ones of the
+# vLLM that UltraEval's server handed its params to (best_of, beam search); and transformers' beam search (num_beams)
+_BEAM_SEARCH = "beam search is not supported"
+_SAMPLING_PARAMS = {
+    **{key: _SHARED[key] for key in (
+        "use_beam_search", "length_penalty", "watermarking", "repetition_detection", "logprob_token_ids",
+        "include_stop_str_in_output", "spaces_between_special_tokens", "truncate_prompt_tokens", "stream_interval",
+        "thinking_token_budget", "routed_experts_prompt_start")},
+    "best_of": Unhonoured("best_of is not supported; use n", (None, 1)),
+    "early_stopping": Unhonoured("early_stopping applies to beam search only, which is not supported", (None, False)),
+    "num_beams": Unhonoured(_BEAM_SEARCH, (None, 1)),
+    "detokenize": Unhonoured("the answer is always text here", (None, True)),
+    "logits_processors": Unhonoured("logits processors are Python code, which a request cannot carry"),
+    "prompt_logprob_token_ids": Unhonoured("prompt log-probabilities of chosen token ids are not supported yet"),
+    "prompt_logprob_start": Unhonoured("prompt log-probabilities cover the whole prompt here"),
+    "flat_logprobs": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "output_kind": Unhonoured(_VLLM_INTERNAL),
+    "skip_clone": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "output_text_buffer_length": Unhonoured(_VLLM_INTERNAL, (None, 0)),
+    "extra_args": Unhonoured(_VLLM_INTERNAL),
+    "skip_reading_prefix_cache": Unhonoured(_VLLM_INTERNAL, (None, False)),
+    "trace_decode_token_ids": Unhonoured(_VLLM_INTERNAL),
+}
+
 UNHONOURED: dict[str, dict[str, Unhonoured]] = {
+    "/infer": _SAMPLING_PARAMS,  # the keys of its `params` (also at /vllm-url-infer)
+    "/generate": _SAMPLING_PARAMS,
     "/v1/completions": {
         **_SHARED,
         "suffix": Unhonoured("insertion (a suffix after the completion) is not supported"),
@@ -89,12 +117,12 @@ UNHONOURED: dict[str, dict[str, Unhonoured]] = {
 }
 
 
-def refuse_unhonoured(route: str, extra: dict[str, Any]) -> None:
+def refuse_unhonoured(route: str, extra: dict[str, Any], prefix: str = "") -> None:
     """400 for the first field of `extra` (keys the route's model does not define) that this server does not honour
-    and that asks for something."""
+    and that asks for something; `prefix` names where the keys sit in the body (`params.` on /infer)."""
     unhonoured = UNHONOURED.get(route, {})
     for key, value in extra.items():
         rule = unhonoured.get(key)
         # The type too: `true` is no 1, `0.0` no 0 (and a no-op of None stands for a field left null).
         if rule is not None and not any(type(value) is type(no_op) and value == no_op for no_op in rule.no_op):
-            raise RequestError(f"`{key}` is not honoured by this server: {rule.why}", key)
+            raise RequestError(f"`{prefix}{key}` is not honoured by this server: {rule.why}", prefix + key)
