@@ -15,7 +15,8 @@ The load is drawn from --seed, the same for every target:
 Requests go out from --concurrency client threads, log-likelihoods first, then generations.
 
 Targets: NAME=URL for an OpenAI-compatible server (this server with either engine, vLLM's own server), and
-`--hf MODEL_DIR` for lm-eval's `HFLM` (batch_size auto, bf16 on a GPU) on the same requests in this process. Prints
+`--hf MODEL_DIR` for lm-eval's `HFLM` (batch_size auto, bf16 on a GPU) on the same requests in this process (where
+servers hold the GPU, run it after them: `--results` of the servers' run, then `--hf` with `--earlier`). Prints
 one row per target: seconds for the log-likelihoods, for the generations, in all, and the first target's time over
 this one's (above 1: faster). The chosen options' agreement with the first target is printed too (the argmax of
 the four log-likelihoods per item), a check that every target scored the same thing, and then each item chosen
@@ -28,6 +29,7 @@ Usage: python scripts/bench_eval_load.py --tokenizer MODEL_DIR --url ours=http:/
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -120,12 +122,15 @@ def main() -> None:
     cli.add_argument("--concurrency", type=int, default=64)
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--fewshot", type=int, default=0, help="examples every context and prompt starts with")
+    cli.add_argument("--results", type=Path, help="write every target's times and scores here (JSON)")
+    cli.add_argument("--earlier", type=Path, help="--results of an earlier run on the same load: its targets lead "
+                     "the table (lm-eval's hf model after the servers have freed the GPU)")
     options = cli.parse_args()
     from transformers import AutoTokenizer
 
     load = make_load(AutoTokenizer.from_pretrained(options.tokenizer), options.items, options.generations,
                      options.seed, options.fewshot)
-    results = {}
+    results = json.loads(options.earlier.read_text()) if options.earlier else {}
     for spec in options.url:
         name, _, url = spec.partition("=")
         client_cpu = time.process_time()
@@ -155,6 +160,8 @@ def main() -> None:
     if results:
         print()
         print_differing(results)
+    if options.results:
+        options.results.write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

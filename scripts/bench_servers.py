@@ -134,8 +134,8 @@ def main() -> None:
     cli.add_argument("--eval-fewshot", type=int, nargs="+", default=[0],
                      help="--modes eval: one run per value, every context and prompt after that many shared examples")
     cli.add_argument("--eval-hf", action="store_true",
-                     help="--modes eval: lm-eval's in-process hf model on the same load too, after the servers (which "
-                     "keep their GPU memory meanwhile)")
+                     help="--modes eval: lm-eval's in-process hf model on the same load too, once the servers have "
+                     "stopped (beside them it finds no GPU memory), in a table with theirs")
     cli.add_argument("--keep-model", type=Path, help="build the model here and keep it (default: a temporary folder)")
     options = cli.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,21 +181,23 @@ def main() -> None:
                 subprocess.run(bench, check=False)
             for url in urls:
                 print_requests_per_worker(url)
+        if "eval" in options.modes and options.eval_hf:  # beside the servers it would find no GPU memory
+            run_eval_load([], model, options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
     """scripts/bench_eval_load.py against the servers (bench.py's NAME=URL@PROTOCOL, its NAME=URL), once per
-    --eval-fewshot."""
+    --eval-fewshot; no URL: lm-eval's hf model (the servers stopped) after their results."""
     for fewshot in options.eval_fewshot:
+        results = options.out.with_name(f"{options.out.name}-eval-{fewshot}shot.json")
         command = [sys.executable, str(ROOT / "scripts" / "bench_eval_load.py"), "--tokenizer", str(model),
                    "--model", str(model), "--items", str(options.eval_items), "--fewshot", str(fewshot),
                    "--generations", str(options.eval_generations), "--concurrency", str(options.concurrency[0])]
         for url in bench_urls:
             command += ["--url", url.rpartition("@")[0]]
-        if options.eval_hf:
-            command += ["--hf", str(model)]
+        command += ["--results", str(results)] if bench_urls else ["--hf", str(model), "--earlier", str(results)]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=False)
 
