@@ -322,9 +322,9 @@ def _generate_names_as_vllms(params: dict[str, Any]) -> dict[str, Any]:
             raise RequestError("params.do_sample: true or false", "params.do_sample")
         if not do_sample:
             params["temperature"] = 0  # greedy, whatever the temperature, as generate() decodes
-        elif params.get("temperature") == 0:
-            raise RequestError("params.do_sample: true samples, and temperature 0 is greedy decoding; send a "
-                               "temperature above 0 to sample", "params.do_sample")
+        elif type(temperature := params.get("temperature")) in (int, float) and temperature < GREEDY_BELOW:
+            raise RequestError(f"params.do_sample: true samples, and temperature {temperature} is greedy decoding; "
+                               f"send a temperature of at least {GREEDY_BELOW} to sample", "params.do_sample")
     return params
 
 

@@ -108,6 +108,9 @@ def test_do_sample_false_is_greedy_and_true_samples():
     assert parse_params(do_sample=True).temperature == 1.0
     error = params_error(do_sample=True, temperature=0)
     assert error.param == "params.do_sample" and "temperature 0 is greedy" in error.message
+    # below vLLM's epsilon a temperature is greedy too (the field's own rule): no silent greedy answer either
+    assert params_error(do_sample=True, temperature=1e-6).param == "params.do_sample"
+    assert params_error(do_sample=True, temperature="hot").param == "params.temperature"  # the field's own error
     assert params_error(do_sample="no").param == "params.do_sample"
 
 

@@ -68,7 +68,6 @@ _SHARED = {
 
 # vLLM's SamplingParams fields that /infer's `params` and /generate do not honour: today's, and the older ones of the
 # vLLM that UltraEval's server handed its params to (best_of, beam search); and transformers' beam search (num_beams)
-_BEAM_SEARCH = "beam search is not supported"
 _SAMPLING_PARAMS = {
     **{key: _SHARED[key] for key in (
         "use_beam_search", "length_penalty", "watermarking", "repetition_detection", "logprob_token_ids",
@@ -76,7 +75,7 @@ _SAMPLING_PARAMS = {
         "thinking_token_budget", "routed_experts_prompt_start")},
     "best_of": Unhonoured("best_of is not supported; use n", (None, 1)),
     "early_stopping": Unhonoured("early_stopping applies to beam search only, which is not supported", (None, False)),
-    "num_beams": Unhonoured(_BEAM_SEARCH, (None, 1)),
+    "num_beams": Unhonoured("beam search is not supported", (None, 1)),
     "detokenize": Unhonoured("the answer is always text here", (None, True)),
     "logits_processors": Unhonoured("logits processors are Python code, which a request cannot carry"),
     "prompt_logprob_token_ids": Unhonoured("prompt log-probabilities of chosen token ids are not supported yet"),
