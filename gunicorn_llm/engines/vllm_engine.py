@@ -58,6 +58,13 @@ class Submission:
     result: Future | None = None  # prompt scoring: the final output
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    def engine_input(self):
+        """The prompt as vLLM's engine input for token ids: a raw `{"prompt_token_ids": ...}` prompt goes through
+        vLLM's deprecated path, which renders it again (about 11 us more a request on CPU) and logs a warning."""
+        from vllm.inputs import tokens_input
+
+        return tokens_input(self.prompt_ids)
+
 
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, model_name: str, settings: ServerSettings):
@@ -261,9 +268,7 @@ class VLLMEngine(Engine):
                     self.engine.abort_request([submission.request_id])
                 continue
             try:
-                self.engine.add_request(
-                    submission.request_id, {"prompt_token_ids": submission.prompt_ids}, submission.sampling
-                )
+                self.engine.add_request(submission.request_id, submission.engine_input(), submission.sampling)
             except Exception as error:  # noqa: BLE001 - e.g. a prompt longer than the context: that request fails
                 _fail(submission, error)
                 continue

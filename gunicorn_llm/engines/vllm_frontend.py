@@ -123,8 +123,8 @@ class SharedCoreVLLMEngine(VLLMEngine):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            prompt = {"prompt_token_ids": submission.prompt_ids}
-            async for output in self.engine.generate(prompt, submission.sampling, submission.request_id):
+            async for output in self.engine.generate(submission.engine_input(), submission.sampling,
+                                                     submission.request_id):
                 self._publish(submission, output)
         except asyncio.CancelledError:
             pass
