@@ -119,6 +119,12 @@ class Server(ServerProcess):
         return {pid: answer["slice"] for pid, answer in ready.items()}
 
 
+def took_deprecated_vllm_prompts(server) -> bool:
+    """Whether vLLM warned in the server's log that it was handed raw prompt dicts, which it renders again on a
+    deprecated path, rather than engine inputs (vllm_engine.Submission.engine_input)."""
+    return "Passing raw prompts to InputProcessor is deprecated" in server.log()
+
+
 def scrape_metrics(server) -> dict[str, list]:
     """A server's /metrics read with prometheus_client's parser: metric family name -> its samples, over all workers
     (whichever worker answers)."""

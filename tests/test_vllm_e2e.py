@@ -19,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from conftest import direct_prompt_logprobs, plain_generate
+from conftest import direct_prompt_logprobs, plain_generate, took_deprecated_vllm_prompts
 
 LOGPROB_TOLERANCE = 5e-4
 PROMPTS = [
@@ -73,6 +73,7 @@ def test_workers_serve_vllm_on_distinct_slices(server):
 def test_greedy_answers_equal_plain_generate(server, reference_model):
     expected = [plain_generate(reference_model, prompt, max_new_tokens=24) for prompt in PROMPTS]
     assert server.infer(PROMPTS, temperature=0, max_tokens=24) == expected
+    assert not took_deprecated_vllm_prompts(server)
 
 
 def test_prompt_logprobs_equal_direct_computation(server, reference_model):

@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from benchkit.fault_load import Load, summary
+from conftest import took_deprecated_vllm_prompts
 from gunicorn_llm.ops.slice_engines import ENGINE_DIR_ENV
 from test_faults import alive, descendants, wait_until
 
@@ -117,6 +118,7 @@ def test_both_workers_answer_through_one_engine_core(server):
         answered[int(response.headers["X-Worker-Pid"])] = response.headers["X-Engine-Core"]
     assert answered == {pid: str(core) for pid in server.ready}
     assert engine_cores(server) == [core]
+    assert not took_deprecated_vllm_prompts(server)
 
 
 @pytest.mark.timeout(LOAD_S + 120)
